@@ -1,0 +1,224 @@
+"""A linear layer that computes exactly what an integer W-bit × A-bit kernel computes.
+
+Let ``x ∈ R^C`` be one token, ``W ∈ R^{O×C}``, ``b ∈ R^O``.
+
+**Activation quantizer** (one of)
+
+* dynamic per-token (symmetric or not): ``s_t, z_t`` from the token's own range after the optional per-channel
+  clip ``x ← clamp(x, −α_c, α_c)``; ``x_q = clamp(round(x / s_t) + z_t)``;
+* static per-tensor: one calibrated ``s, z``;
+* static per-input-channel ``s_c, z_c`` (the paper's quantizer). These scales sit on the reduction axis, so an
+  integer kernel cannot apply them after the GEMM: they are folded into the weight **before** it is quantized,
+  ``W' = W · diag(s)``, ``W'_q = Q_w(W')`` and ``x_q = clamp(round(x / s) + z)``. Then
+
+      y = W'_q (x_q − z) + b = W'_q x_q − W'_q z + b,
+
+  i.e. the zero points become the output bias term ``−W'_q z`` (method.md §3 defect 6).
+
+The product itself is :func:`morphoquant.numerics.integer_gemm.integer_linear`, shared with the runtime.
+
+**DABC** (Eq. 7 of the paper), ``Y = W_Q X_Q + b + W_Q((X − X_Q) ⊙ M)``: for the outlier channels ``idx`` the
+quantization residual ``r = x/s − (x_q − z)`` (in the units of the folded weight; ``x − s_t (x_q − z_t)``
+for per-token) is multiplied by the *same* quantized weight columns in 16/32-bit: a thin side product over
+``K = |idx|`` channels. ``dense`` (the paper) keeps the residual of every element of those channels;
+``sparse`` (the authors' code) only of elements with ``|x| > threshold_c``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..numerics import QuantSpec, quantize, quantize_weight, range_qparams
+from ..numerics.integer_gemm import float_matmul, integer_linear
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """Input-activation quantizer: ``spec.granularity`` ∈ {token, tensor, channel}; token implies dynamic."""
+
+    spec: QuantSpec
+    dynamic: bool = True
+
+    def __post_init__(self):
+        g = self.spec.granularity
+        if g == "group":
+            raise ValueError("activation granularity 'group' is not supported; use token, tensor or channel")
+        if self.spec.fmt != "int":
+            raise ValueError("activations use the integer format")
+        if g == "token" and not self.dynamic:
+            raise ValueError("per-token activation scales are dynamic by definition: set dynamic=true")
+        if g == "channel" and self.dynamic:
+            raise ValueError("per-input-channel activation scales must be static (calibrated): set dynamic=false")
+
+    @property
+    def folded(self) -> bool:
+        return self.spec.granularity == "channel"
+
+
+class QuantLinear(nn.Module):
+    """Quantized replacement of ``nn.Linear`` (module docstring has the equations).
+
+    Buffers (all saved in the state dict): ``weight_codes`` (integer codes of W or of the folded W'),
+    ``weight_scale``, ``weight_zero``, ``act_scale``/``act_zero`` (static quantizers), ``act_clip`` (per-channel
+    clip α before dynamic per-token scaling; +inf = none), ``outlier_idx`` and ``outlier_threshold`` (DABC).
+    """
+
+    def __init__(self, in_features: int, out_features: int, weight_spec: QuantSpec,
+                 act: ActivationConfig | None, bias: bool, dabc: str = "none"):
+        super().__init__()
+        if dabc not in ("none", "dense", "sparse"):
+            raise ValueError(f"dabc must be none, dense or sparse, got {dabc!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_spec, self.act, self.dabc = weight_spec, act, dabc
+        self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=weight_spec.code_dtype))
+        self.register_buffer("weight_scale", torch.ones(1, 1))
+        self.register_buffer("weight_zero", torch.zeros(1, 1))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("act_scale", torch.ones(1))
+        self.register_buffer("act_zero", torch.zeros(1))
+        self.register_buffer("act_clip", torch.full((in_features,), float("inf")))
+        self.register_buffer("outlier_idx", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("outlier_threshold", torch.zeros(0))
+        self._w_deq: torch.Tensor | None = None
+        # running counters of the 16-bit path (for the effective-bits report)
+        self.bypass_elements = 0
+        self.total_elements = 0
+        self.track_bypass = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_spec: QuantSpec, act: ActivationConfig | None, *,
+                    act_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    act_clip: torch.Tensor | None = None,
+                    outlier_idx: torch.Tensor | None = None, dabc: str = "none",
+                    outlier_threshold: torch.Tensor | None = None,
+                    weight: torch.Tensor | None = None,
+                    weight_quantizer=None) -> "QuantLinear":
+        """Quantize ``linear``.
+
+        ``act_range``: calibrated ``(lo, hi)`` for static quantizers (per channel: ``[C]`` each).
+        ``weight``: an already-processed fp32 weight to quantize instead of ``linear.weight`` (e.g. smoothed).
+        ``weight_quantizer``: ``(W'[O,C]) -> QuantizedTensor`` replacing RTN (GPTQ plugs in here); it receives
+        the *folded* weight when activation scales are per channel.
+        """
+        w = (linear.weight if weight is None else weight).detach().float()
+        q = cls(linear.in_features, linear.out_features, weight_spec, act, linear.bias is not None, dabc)
+        if linear.bias is not None:
+            q.bias = linear.bias.detach().float().clone()
+        if act is not None and not act.dynamic:
+            if act_range is None:
+                raise ValueError("a static activation quantizer needs a calibrated act_range (lo, hi)")
+            lo, hi = (t.detach().float() for t in act_range)
+            s, z = range_qparams(lo, hi, act.spec)
+            q.act_scale, q.act_zero = s.reshape(-1), z.reshape(-1)
+            if act.folded:
+                if q.act_scale.numel() != linear.in_features:
+                    raise ValueError(f"per-channel act_range needs {linear.in_features} entries, got "
+                                     f"{q.act_scale.numel()}")
+                w = w * q.act_scale.reshape(1, -1)
+        if act_clip is not None:
+            q.act_clip = act_clip.detach().float().reshape(-1).clone()
+        if outlier_idx is not None:
+            q.outlier_idx = outlier_idx.detach().long().reshape(-1).clone()
+            if dabc == "sparse":
+                if outlier_threshold is None:
+                    raise ValueError("sparse DABC needs a per-outlier-channel threshold")
+                q.outlier_threshold = outlier_threshold.detach().float().reshape(-1).clone()
+        qt = (weight_quantizer or (lambda m: quantize_weight(m, weight_spec)))(w)
+        q.weight_codes, q.weight_scale, q.weight_zero = qt.codes, qt.scale.float(), qt.zero_point.float()
+        return q
+
+    # ------------------------------------------------------------------ views
+    @property
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 ``W_q`` (folded units when activations are per channel). Cached; reset by ``_apply``."""
+        if self._w_deq is None:
+            from ..numerics import dequantize
+            self._w_deq = dequantize(self.weight_codes, self.weight_scale, self.weight_zero, self.weight_spec)
+        return self._w_deq
+
+    def _apply(self, fn, recurse=True):
+        self._w_deq = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._w_deq = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    @property
+    def integer_weight(self) -> bool:
+        """True when the product can run on integer weight codes (uniform, symmetric weights)."""
+        return self.weight_spec.fmt == "int" and bool((self.weight_zero == 0).all())
+
+    # ------------------------------------------------------------------ activation quantization
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                                       torch.Tensor]:
+        """``x[N, C]`` → (integer codes as fp32, zero point, row scale or None, DABC residual in GEMM units)."""
+        act = self.act
+        spec = act.spec
+        if act.dynamic:
+            xc = torch.maximum(torch.minimum(x, self.act_clip), -self.act_clip)
+            lo, hi = xc.amin(-1, keepdim=True), xc.amax(-1, keepdim=True)
+            s, z = range_qparams(lo, hi, spec)
+            x_q = quantize(xc, s, z, spec).float()
+            resid_units = x - s * (x_q - z)           # residual in x units; row scale applied later
+            return x_q, (z if not spec.symmetric else None), s, resid_units
+        s, z = self.act_scale, self.act_zero
+        if act.folded:
+            u = x / s
+            x_q = torch.clamp(torch.round(u) + z, spec.qmin, spec.qmax)
+            return x_q, (z if not spec.symmetric else None), None, u - (x_q - z)
+        x_q = quantize(x, s, z, spec).float()
+        return x_q, (z if not spec.symmetric else None), s, x - s * (x_q - z)
+
+    def dabc_residual(self, x: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        """``[N, K]`` residual of the outlier channels that takes the 16-bit path (zero where not bypassed)."""
+        r = resid[:, self.outlier_idx]
+        if self.dabc == "sparse":
+            keep = x[:, self.outlier_idx].abs() > self.outlier_threshold
+            r = r * keep
+            if self.track_bypass:
+                self.bypass_elements += int(keep.sum())
+        elif self.track_bypass:
+            self.bypass_elements += r.numel()
+        return r
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, matmul=float_matmul) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        if self.act is None:
+            y = x2 @ self.dequantized_weight.T
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*shape[:-1], -1).to(x.dtype)
+        x_q, x_zero, x_scale, resid = self.quantize_input(x2)
+        if self.integer_weight:
+            y = integer_linear(x_q, self.weight_codes, self.weight_scale, x_zero=x_zero, x_scale=x_scale,
+                               group_size=self.weight_spec.group_size, bias=None, matmul=matmul)
+        else:   # code-book weights: integer activations times dequantized weights (a LUT kernel's product)
+            xz = x_q - x_zero if x_zero is not None else x_q
+            y = xz @ self.dequantized_weight.T
+            if x_scale is not None:
+                y = y * x_scale.reshape(-1, 1) if x_scale.numel() > 1 else y * x_scale.reshape(())
+        if self.track_bypass:
+            self.total_elements += x2.numel()
+        if self.dabc != "none" and self.outlier_idx.numel():
+            r = self.dabc_residual(x2, resid)
+            y = y + r @ self.dequantized_weight[:, self.outlier_idx].T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        a = "A16" if self.act is None else (f"A{self.act.spec.bits}-{self.act.spec.granularity}"
+                                            f"{'-dyn' if self.act.dynamic else '-static'}")
+        w = f"W{self.weight_spec.bits}-{self.weight_spec.granularity}"
+        if self.weight_spec.granularity == "group":
+            w += str(self.weight_spec.group_size)
+        if self.weight_spec.fmt != "int":
+            w += f"-{self.weight_spec.fmt}"
+        d = f", dabc={self.dabc}[{self.outlier_idx.numel()}]" if self.dabc != "none" else ""
+        return f"in={self.in_features}, out={self.out_features}, {w}, {a}{d}"
