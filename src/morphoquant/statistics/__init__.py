@@ -1,0 +1,7 @@
+"""Observers: per-modality activation statistics of quantized layers (imports only numerics)."""
+from .channel_stats import ChannelStats, ModalityStats, NonFiniteActivationError
+from .collector import ActivationCollector, InputSampler
+from .modality import ALL, PAD, Modality, constant_modality_ids, modality_ids_from_tokens
+
+__all__ = ["ALL", "PAD", "ActivationCollector", "ChannelStats", "InputSampler", "Modality", "ModalityStats",
+           "NonFiniteActivationError", "constant_modality_ids", "modality_ids_from_tokens"]

@@ -1,0 +1,63 @@
+"""The Python API: ``quantize(model, recipe, calib_samples)``.
+
+This is the top of the library stack (it may import every layer below it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import get_adapter
+from .pipeline.recipe import Recipe, load_recipe
+from .pipeline.runner import CalibrationDataError, LayerwiseRunner, QuantizationReport
+from .pipeline.stack import Sample
+from .statistics import Modality
+
+__all__ = ["quantize", "load_recipe", "Recipe", "check_calibration_modalities"]
+
+# sample keys that prove a modality is present even before the decoder ids are computed
+_MODALITY_KEYS = {"image": ("pixel_values",), "video": ("pixel_values_videos",),
+                  "audio": ("input_features",), "text": ("input_ids", "decoder_input_ids")}
+
+
+def check_calibration_modalities(adapter, samples: list[Sample], wanted: list[str]) -> set[str]:
+    """Modalities present in ``samples``; raises :class:`CalibrationDataError` naming any wanted one missing."""
+    present: set[str] = set()
+    for s in samples:
+        for label, keys in _MODALITY_KEYS.items():
+            if any(k in s for k in keys):
+                present.add(label)
+        try:
+            ids = adapter.decoder_modality_ids(s)
+            present |= {m.label for m in Modality if bool((ids == int(m)).any())}
+        except Exception:   # noqa: BLE001  — encoder-only models have no decoder sequence
+            pass
+    missing = [m for m in wanted if m not in present]
+    if missing:
+        raise CalibrationDataError(
+            f"the recipe asks for calibration modalities {wanted} but the calibration data has no "
+            f"{', '.join(missing)} tokens (present: {', '.join(sorted(present)) or 'none'}); add samples with "
+            f"{' / '.join(missing)} inputs or drop them from calibration.modalities")
+    return present
+
+
+def quantize(model: nn.Module, recipe: Recipe | str | Path, calib_samples: list[Sample], *,
+             log_path: str | Path | None = None, progress: bool = True) -> QuantizationReport:
+    """Quantize ``model`` in place with ``recipe`` (a :class:`Recipe`, a built-in name or a YAML path).
+
+    ``calib_samples`` are dicts of model keyword arguments (``input_ids``/``attention_mask``, ``pixel_values``,
+    ``input_features`` ...). Returns the per-layer report; the model's linears are replaced by ``QuantLinear``.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    if not calib_samples:
+        raise CalibrationDataError("the calibration set is empty: pass at least one sample")
+    adapter = get_adapter(model)
+    check_calibration_modalities(adapter, calib_samples, recipe.calibration.modalities)
+    model.eval()
+    with torch.no_grad():
+        runner = LayerwiseRunner(model, adapter.stacks(), recipe, calib_samples, log_path=log_path,
+                                 progress=progress)
+        return runner.run()

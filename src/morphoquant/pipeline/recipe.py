@@ -1,0 +1,191 @@
+"""Recipes: what to quantize and how, as YAML validated by pydantic (unknown keys are errors).
+
+A recipe names a method and its options, the default weight and activation formats, per-stack overrides
+(encoder towers of omni models are off unless enabled, each with its own bit widths), calibration settings and
+what to do with a layer that received no calibration tokens. Built-in recipes ship as YAML files in
+``morphoquant/recipes``; ``load_recipe`` accepts a built-in name or a path.
+"""
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..layers import ActivationConfig
+from ..methods import get_method
+from ..numerics import QuantConfigError, QuantSpec
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used (unknown keys, impossible values, unknown method)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WeightArgs(_Strict):
+    bits: int = 4
+    symmetric: bool = True
+    granularity: Literal["tensor", "channel", "group"] = "group"
+    group_size: int | None = 128
+    format: Literal["int", "nf4", "fp4"] = "int"
+    allow_partial_groups: bool = False
+    """Allow a last, shorter weight group when group_size does not divide the input width."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        try:
+            self.spec()
+        except QuantConfigError as e:
+            raise ValueError(f"weights: {e}") from None
+        return self
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.symmetric, self.granularity,
+                         self.group_size if self.granularity == "group" else None, self.format)
+
+
+class ActivationArgs(_Strict):
+    bits: int = 16
+    """2..8 quantizes the input of every linear; 16 keeps it in full precision."""
+    symmetric: bool = True
+    granularity: Literal["token", "tensor", "channel"] = "token"
+    dynamic: bool | None = None
+    """Default: dynamic for token, static for tensor and channel."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.bits != 16:
+            try:
+                self.config()
+            except (QuantConfigError, ValueError) as e:
+                raise ValueError(f"activations: {e}") from None
+        return self
+
+    def config(self) -> ActivationConfig | None:
+        if self.bits == 16:
+            return None
+        dynamic = self.dynamic if self.dynamic is not None else self.granularity == "token"
+        return ActivationConfig(QuantSpec(self.bits, self.symmetric, self.granularity), dynamic)
+
+
+class StackArgs(_Strict):
+    enabled: bool | None = None
+    """None: the adapter's default (decoders on, vision/audio towers off)."""
+    weights: WeightArgs | None = None
+    activations: ActivationArgs | None = None
+
+
+class CalibrationArgs(_Strict):
+    num_samples: int = Field(16, ge=1)
+    seq_len: int = Field(512, ge=2)
+    seed: int = 0
+    modalities: list[Literal["text", "image", "video", "audio"]] = ["text"]
+    """Modalities the calibration data must contain; missing ones are an error."""
+    max_rows_per_layer: int = Field(4096, ge=16)
+    """Input rows sampled per linear for methods that search on real activations."""
+
+
+class Recipe(_Strict):
+    name: str = "custom"
+    description: str = ""
+    method: str = "rtn"
+    options: dict = Field(default_factory=dict)
+    weights: WeightArgs = Field(default_factory=WeightArgs)
+    activations: ActivationArgs = Field(default_factory=ActivationArgs)
+    stacks: dict[str, StackArgs] = Field(default_factory=dict)
+    ignore: list[str] = Field(default_factory=list)
+    """Linear-name suffixes (relative to a block) never quantized."""
+    calibration: CalibrationArgs = Field(default_factory=CalibrationArgs)
+    sequential: bool = False
+    """Quantize the linears of a block group by group (q/k/v, o, gate/up, down), re-running the block between
+    groups so later groups calibrate on quantized upstream outputs."""
+    on_empty_layer: Literal["error", "passthrough"] = "error"
+    """A layer that saw no calibration tokens: stop with an error, or keep it in full precision and log it."""
+    offload: bool = False
+    """Keep captured block inputs on disk instead of in memory."""
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v):
+        get_method(v)
+        return v
+
+    @model_validator(mode="after")
+    def _validate_options(self):
+        method = get_method(self.method)
+        try:
+            method.Options(**self.options)
+        except ValidationError as e:
+            raise ValueError(f"options for method {self.method!r}: {e}") from None
+        return self
+
+    def method_instance(self):
+        return get_method(self.method)(self.options)
+
+    def stack_formats(self, stack: str) -> tuple[QuantSpec, ActivationConfig | None]:
+        s = self.stacks.get(stack, StackArgs())
+        w = s.weights or self.weights
+        a = s.activations or self.activations
+        return w.spec(), a.config()
+
+    def stack_enabled(self, stack: str, default: bool) -> bool:
+        s = self.stacks.get(stack)
+        return default if s is None or s.enabled is None else s.enabled
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:16]
+
+
+def builtin_recipes() -> dict[str, Path]:
+    root = resources.files("morphoquant") / "recipes"
+    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
+
+
+def parse_recipe(data: dict, source: str = "<dict>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe(**data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "<recipe>"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see `morphoquant recipes` for the schema)"
+            lines.append(f"  {loc}: {msg}")
+        raise RecipeError(f"invalid recipe {source}:\n" + "\n".join(lines)) from None
+
+
+def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Recipe:
+    """A built-in recipe name (``rtn-w4a4`` ...) or a YAML file path, with optional nested overrides."""
+    path = Path(name_or_path)
+    builtins = builtin_recipes()
+    if str(name_or_path) in builtins:
+        path = builtins[str(name_or_path)]
+    elif not path.exists():
+        raise RecipeError(f"no recipe {name_or_path!r}: not a file and not a built-in "
+                          f"({', '.join(sorted(builtins))})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if overrides:
+        data = _deep_merge(data or {}, overrides)
+    return parse_recipe(data, str(path))
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

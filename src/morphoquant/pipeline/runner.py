@@ -1,0 +1,366 @@
+"""The layer-wise (sequential) quantization pipeline.
+
+For each enabled stack (encoder towers first, then the decoder):
+
+1. **capture** — run the model on every calibration sample with a pre-hook on the first block that records
+   its inputs and stops the forward;
+2. for block ``i``: **calibrate** (run the full-precision block on its inputs with observers on every linear:
+   per-modality statistics, padding excluded, plus sampled input rows when the method wants them), keep the FP
+   outputs; **quantize** (the method returns a ``QuantLinear`` per linear, swapped in place); **propagate** (run
+   the quantized block on the same inputs: its outputs feed block ``i+1``, so every block is calibrated on the
+   error its predecessors really make); log the relative reconstruction error
+   ``‖Y_q − Y_fp‖² / ‖Y_fp‖²`` per modality.
+
+Memory holds one block's inputs and outputs for the calibration set (optionally on disk), never the
+activations of the whole network.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..layers import QuantLinear
+from ..methods import BlockContext, EmptyLayerError, Method
+from ..statistics import ALL, ActivationCollector, InputSampler, Modality, ModalityStats
+from .recipe import Recipe
+from .stack import BlockStack, Sample
+
+log = logging.getLogger("morphoquant")
+
+
+class CalibrationDataError(ValueError):
+    """Calibration data that cannot calibrate what the recipe asks for."""
+
+
+class _StopForward(Exception):
+    pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class ActivationStore:
+    """A list of per-sample block inputs kept in memory or, with ``offload``, in files of a temp directory."""
+
+    def __init__(self, offload: bool = False):
+        self.offload = offload
+        self._items: list = []
+        self._dir = tempfile.TemporaryDirectory(prefix="morphoquant-acts-") if offload else None
+
+    def append(self, item) -> None:
+        if self.offload:
+            path = Path(self._dir.name) / f"{len(self._items)}-{time.monotonic_ns()}.pt"
+            torch.save(item, path)
+            self._items.append(path)
+        else:
+            self._items.append(item)
+
+    def __getitem__(self, i):
+        item = self._items[i]
+        return torch.load(item, weights_only=False) if self.offload else item
+
+    def __setitem__(self, i, value) -> None:
+        if self.offload:
+            torch.save(value, self._items[i])
+        else:
+            self._items[i] = value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+
+
+@dataclass
+class _Captured:
+    """Inputs of the first block for one sample: the hidden states, the other positional args and kwargs."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+    hidden_key: str | None      # kwarg name when the hidden states were passed by keyword
+    ids: torch.Tensor
+
+
+@dataclass
+class LayerRecord:
+    stack: str
+    block: int
+    linears: dict
+    rel_error: dict
+    seconds: float
+    peak_rss_mb: float
+
+
+@dataclass
+class QuantizationReport:
+    recipe: str
+    records: list[LayerRecord] = field(default_factory=list)
+    passthrough: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    stacks: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
+                "stacks": self.stacks, "passthrough": self.passthrough,
+                "layers": [r.__dict__ for r in self.records]}
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class LayerwiseRunner:
+    """Runs one recipe over the stacks of one model (see module docstring)."""
+
+    def __init__(self, model: nn.Module, stacks: list[BlockStack], recipe: Recipe, samples: list[Sample],
+                 log_path: str | Path | None = None, progress: bool = True, method: Method | None = None):
+        if not samples:
+            raise CalibrationDataError("the calibration set is empty: pass at least one sample")
+        self.model, self.stacks, self.recipe, self.samples = model, stacks, recipe, samples
+        self.method = method or recipe.method_instance()
+        self.progress = progress
+        self.log_path = Path(log_path) if log_path else None
+        self.module_names = {id(m): n for n, m in model.named_modules()}
+        self.report = QuantizationReport(recipe.name)
+
+    # ---------------------------------------------------------------- capture
+    def _capture(self, stack: BlockStack) -> ActivationStore:
+        store = ActivationStore(self.recipe.offload)
+        box: dict = {}
+
+        def hook(module, args, kwargs):
+            box["args"], box["kwargs"] = args, kwargs
+            raise _StopForward
+
+        handle = stack.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for sample in self.samples:
+                box.clear()
+                try:
+                    with torch.no_grad():
+                        stack.forward(sample)
+                except _StopForward:
+                    pass
+                if "args" not in box:
+                    raise CalibrationDataError(
+                        f"stack {stack.name!r}: the calibration sample never reached its first block "
+                        f"(does the sample contain the inputs this stack needs? keys: {sorted(sample)})")
+                args, kwargs = box["args"], dict(box["kwargs"])
+                if args:
+                    hidden, rest, key = args[0], tuple(args[1:]), None
+                else:
+                    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+                    hidden, rest = kwargs.pop(key), ()
+                ids = stack.modality_ids(sample, hidden.shape)
+                store.append(_Captured(hidden.detach(), rest, kwargs, key, ids))
+        finally:
+            handle.remove()
+        return store
+
+    @staticmethod
+    def _run_block(block: nn.Module, c: _Captured, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        h = c.hidden if hidden is None else hidden
+        with torch.no_grad():
+            if c.hidden_key is None:
+                return _first(block(h, *c.args, **c.kwargs)).detach()
+            return _first(block(*c.args, **{c.hidden_key: h}, **c.kwargs)).detach()
+
+    # ---------------------------------------------------------------- calibration of a set of linears
+    def _calibrate(self, stack: BlockStack, block: nn.Module, linears: dict[str, nn.Module],
+                   store: ActivationStore, keep_outputs: bool) -> tuple[ActivationCollector, InputSampler | None,
+                                                                        list | None]:
+        # rows that do not follow the block's own sequence (cross-attention inputs) keep the modality they read
+        cross = getattr(stack, "cross_inputs", {}) or {}
+        tower = getattr(stack, "modality", None)
+        fallback = {n: next((m for suf, m in cross.items() if n.endswith(suf)), tower) for n in linears}
+        sampler = InputSampler(self.recipe.calibration.max_rows_per_layer) if self.method.needs_inputs else None
+        collector = ActivationCollector(linears, fallback, [sampler] if sampler else [])
+        outs = [] if keep_outputs else None
+        with collector:
+            for i in range(len(store)):
+                c = store[i]
+                collector.current_ids = c.ids
+                y = self._run_block(block, c)
+                if outs is not None:
+                    outs.append(y)
+        return collector, sampler, outs
+
+    def _check_empty(self, stack: BlockStack, index: int, stats: dict[str, ModalityStats],
+                     linears: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        usable = {}
+        for name, lin in linears.items():
+            if stats[name].count > 0:
+                usable[name] = lin
+                continue
+            full = f"{stack.name}.{index}.{name}"
+            if self.recipe.on_empty_layer == "error":
+                raise EmptyLayerError(
+                    f"layer {full} received no calibration tokens (every token was padding, or the data never "
+                    "routed through it); add calibration data that reaches it, or set on_empty_layer: passthrough "
+                    "to keep it in full precision")
+            log.warning("layer %s received no calibration tokens: kept in full precision (passthrough)", full)
+            self.report.passthrough.append(full)
+        return usable
+
+    # ---------------------------------------------------------------- main loop
+    def run(self) -> QuantizationReport:
+        t0 = time.time()
+        enabled = [s for s in self.stacks if self.recipe.stack_enabled(s.name, s.default_enabled)]
+        unknown = set(self.recipe.stacks) - {s.name for s in self.stacks}
+        if unknown:
+            raise CalibrationDataError(
+                f"the recipe configures stack(s) {sorted(unknown)} that this model does not have "
+                f"(it has: {', '.join(s.name for s in self.stacks)})")
+        self.report.stacks = [s.name for s in enabled]
+        global_stats = self._global_prepass(enabled) if self.method.needs_global_stats else None
+        state = self.method.prepare(self.model, enabled, global_stats)
+        log_file = open(self.log_path, "a") if self.log_path else None
+        try:
+            for stack in enabled:
+                self._run_stack(stack, state, log_file)
+        finally:
+            if log_file:
+                log_file.close()
+        self.report.seconds = time.time() - t0
+        self.report.peak_rss_mb = peak_rss_mb()
+        return self.report
+
+    def _global_prepass(self, stacks: list[BlockStack]) -> dict[str, ModalityStats]:
+        """Full-precision statistics of every linear of every enabled stack (for network-wide thresholds)."""
+        out: dict[str, ModalityStats] = {}
+        for stack in stacks:
+            store = self._capture(stack)
+            hiddens = [store[i].hidden for i in range(len(store))]
+            for bi, block in enumerate(stack.blocks):
+                linears = stack.linears(block)
+                collector, _, outs = self._calibrate(stack, block, linears, store, keep_outputs=True)
+                for name, st in collector.stats.items():
+                    out[f"{stack.name}.{bi}.{name}"] = st
+                for i in range(len(store)):
+                    c = store[i]
+                    c.hidden = outs[i]
+                    store[i] = c
+            del hiddens
+            store.close()
+        return out
+
+    def _run_stack(self, stack: BlockStack, state: dict, log_file) -> None:
+        weight_spec, act = self.recipe.stack_formats(stack.name)
+        store = self._capture(stack)
+        bar = tqdm(total=len(stack.blocks), desc=f"quantize {stack.name}", unit="block",
+                   disable=not self.progress, dynamic_ncols=True)
+        try:
+            for bi, block in enumerate(stack.blocks):
+                tb = time.time()
+                linears = stack.linears(block)
+                for suffix in self.recipe.ignore:
+                    linears = {n: m for n, m in linears.items() if not n.endswith(suffix)}
+                groups = self._groups(stack, linears)
+                fp_outs = None
+                linear_reports: dict = {}
+                for gi, group in enumerate(groups):
+                    collector, sampler, outs = self._calibrate(stack, block, group, store, keep_outputs=gi == 0)
+                    if gi == 0:
+                        fp_outs = outs
+                    usable = self._check_empty(stack, bi, collector.stats, group)
+                    ctx = BlockContext(stack.name, bi, block, usable, collector.stats, weight_spec, act, sampler,
+                                       rerun=None, global_state=state)
+                    ctx.rerun = lambda observers=(), _b=block: self._rerun(_b, store, observers)
+                    replacements = self.method.quantize_block(ctx) if usable else {}
+                    for name, qlin in replacements.items():
+                        block.set_submodule(name, qlin)
+                        linear_reports[name] = {"module": qlin.extra_repr(), **ctx.report.get(name, {}),
+                                                "tokens": collector.stats[name].count,
+                                                "modalities": collector.stats[name].modalities}
+                    del collector, sampler
+                rel = self._propagate(block, store, fp_outs)
+                rec = LayerRecord(stack.name, bi, linear_reports, rel, time.time() - tb, peak_rss_mb())
+                self.report.records.append(rec)
+                if log_file:
+                    log_file.write(json.dumps(rec.__dict__) + "\n")
+                    log_file.flush()
+                bar.set_postfix(err=f"{rel.get(ALL, float('nan')):.3g}")
+                bar.update(1)
+        finally:
+            bar.close()
+            store.close()
+
+    def _groups(self, stack: BlockStack, linears: dict[str, nn.Module]) -> list[dict[str, nn.Module]]:
+        if not self.recipe.sequential or not stack.sequential_groups:
+            return [linears]
+        groups, seen = [], set()
+        for suffixes in stack.sequential_groups:
+            g = {n: m for n, m in linears.items() if any(n.endswith(s) for s in suffixes) and n not in seen}
+            seen |= set(g)
+            if g:
+                groups.append(g)
+        rest = {n: m for n, m in linears.items() if n not in seen}
+        if rest:
+            groups.append(rest)
+        return groups
+
+    def _rerun(self, block: nn.Module, store: ActivationStore, observers=()) -> list[torch.Tensor]:
+        outs = []
+        for i in range(len(store)):
+            c = store[i]
+            for obs in observers:
+                if hasattr(obs, "current_ids"):
+                    obs.current_ids = c.ids
+            outs.append(self._run_block(block, c))
+        return outs
+
+    def _propagate(self, block: nn.Module, store: ActivationStore, fp_outs: list) -> dict[str, float]:
+        """Run the quantized block; its outputs become the next block's inputs. Returns the relative error."""
+        num: dict[str, float] = {}
+        den: dict[str, float] = {}
+        for i in range(len(store)):
+            c = store[i]
+            yq = self._run_block(block, c)
+            yf = fp_outs[i]
+            if not torch.isfinite(yq).all():
+                raise FloatingPointError(
+                    f"the quantized block produced NaN/inf outputs (sample {i}); the method or its settings "
+                    "produced an invalid quantizer — check the layer log")
+            d2 = (yq - yf).float().pow(2).reshape(-1, yq.shape[-1]).sum(-1)
+            f2 = yf.float().pow(2).reshape(-1, yf.shape[-1]).sum(-1)
+            ids = c.ids.reshape(-1)
+            if ids.numel() != d2.numel():
+                ids = torch.zeros(d2.numel(), dtype=torch.int8)
+            for label, sel in [(ALL, ids >= 0)] + [(m.label, ids == int(m)) for m in Modality]:
+                if bool(sel.any()):
+                    num[label] = num.get(label, 0.0) + float(d2[sel].sum())
+                    den[label] = den.get(label, 0.0) + float(f2[sel].sum())
+            c.hidden = yq
+            store[i] = c
+        return {k: num[k] / max(den[k], 1e-30) for k in num}
+
+
+def count_quantized(model: nn.Module) -> int:
+    return sum(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def environment_versions() -> dict[str, str]:
+    import platform
+
+    import transformers
+
+    from .. import __version__
+    return {"morphoquant": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "threads": str(torch.get_num_threads()),
+            "pid": str(os.getpid())}

@@ -1,0 +1,98 @@
+"""Forward hooks that feed the inputs of linear layers, with their per-row modality ids, to observers."""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from .channel_stats import ModalityStats
+from .modality import PAD, Modality
+
+
+class Observer(Protocol):
+    def __call__(self, name: str, x: torch.Tensor, ids: torch.Tensor | None) -> None: ...
+
+
+class ActivationCollector:
+    """Per-modality statistics (and optional extra observers) of the inputs of ``linears``.
+
+    Set ``current_ids`` (per-row modality ids of the sequence being run) before each forward. Rows of a linear
+    whose input row count differs from ``current_ids`` (cross-attention over another sequence) are attributed to
+    ``fallback`` (see :meth:`ModalityStats.update`), given once or per linear name.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], fallback: Modality | dict[str, Modality] | None = None,
+                 observers: list[Observer] | tuple = ()):
+        self.linears = linears
+        self.fallback = fallback
+        self.observers = list(observers)
+        self.stats = {name: ModalityStats(mod.in_features, name) for name, mod in linears.items()}
+        self.current_ids: torch.Tensor | None = None
+        self._handles: list = []
+
+    def _hook(self, name: str) -> Callable:
+        def pre_hook(module, args):
+            x = args[0]
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            ids = self.current_ids
+            aligned = ids is not None and ids.numel() == x2.shape[0]
+            fb = self.fallback.get(name) if isinstance(self.fallback, dict) else self.fallback
+            self.stats[name].update(x2, ids if aligned else None, fb)
+            row_ids = ids.reshape(-1) if aligned else None
+            for obs in self.observers:
+                obs(name, x2, row_ids)
+        return pre_hook
+
+    def __enter__(self) -> "ActivationCollector":
+        for name, mod in self.linears.items():
+            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class InputSampler:
+    """Keeps up to ``max_rows`` non-padding input rows per linear (first come, deterministic), with their ids.
+
+    Methods that search quantization parameters on real activations (clip search, GPTQ-free scale search)
+    read ``rows[name]`` (fp32 ``[n, C]``) and ``ids[name]`` (int8 ``[n]``, or ``None`` when unknown).
+    """
+
+    def __init__(self, max_rows: int = 4096, names: set[str] | None = None):
+        self.max_rows = max_rows
+        self.names = names
+        self._rows: dict[str, list[torch.Tensor]] = {}
+        self._ids: dict[str, list[torch.Tensor]] = {}
+        self._n: dict[str, int] = {}
+
+    def __call__(self, name: str, x: torch.Tensor, ids: torch.Tensor | None) -> None:
+        if self.names is not None and name not in self.names:
+            return
+        have = self._n.get(name, 0)
+        if have >= self.max_rows:
+            return
+        if ids is not None:
+            keep = ids != PAD
+            x, ids = x[keep], ids[keep]
+        take = min(self.max_rows - have, x.shape[0])
+        self._rows.setdefault(name, []).append(x[:take].float().clone())
+        self._ids.setdefault(name, []).append(
+            ids[:take].to(torch.int8).clone() if ids is not None else torch.full((take,), PAD, dtype=torch.int8))
+        self._n[name] = have + take
+
+    def rows(self, name: str) -> torch.Tensor:
+        if name not in self._rows:
+            raise KeyError(f"no input rows were sampled for layer {name}")
+        return torch.cat(self._rows[name])
+
+    def ids(self, name: str) -> torch.Tensor:
+        return torch.cat(self._ids[name])
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self._ids.clear()
+        self._n.clear()
