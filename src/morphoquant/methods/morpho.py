@@ -1,0 +1,374 @@
+"""MorphoQuant: DABC residual compensation + MDQFO clip search (method.md; paper Eq. 5–10).
+
+Per linear layer, from calibration statistics with padding excluded:
+
+1. **Outlier channels** (Eq. 5–6): dispersion ``D_c = (max_c − min_c) / log1p(mean|x_c| + ε)``; channel ``c`` is
+   an outlier when ``D_c`` exceeds ``μ + kσ`` of this layer (local) or of every quantized layer (global). The
+   16-bit share is capped by ``budget`` (the channels with the highest scores are kept).
+2. **DABC** (Eq. 7): ``Y = W_Q X_Q + b + W_Q((X − X_Q) ⊙ M)``. ``dense``: ``M`` = the outlier channels; their
+   residual goes through a thin 16-bit product over those columns. ``sparse``: only elements with
+   ``|x| > ρ·α_c`` of outlier channels (the authors' code), with a per-layer budget on bypassed elements.
+3. **MDQFO** (Eq. 8–10): each compliant channel gets a clip ratio ``r_c`` (range ``r_c · base_c``) minimising,
+   with DABC active,
+
+       L = L_p + λ_cos · L_cos,   L_p = E_{n,c} |x − x̂(r)|^p,   L_cos = 1 − E_n cos(x_n, x̂_n)           (Eq. 8–9)
+
+   over **all** calibration rows (sums, not an EMA — ``accumulate: ema`` reproduces the authors' EMA). The search
+   is a grid vectorised over channels × candidates; ``L_p`` is separable per channel, the per-token cosine is
+   not: it is handled by Jacobi sweeps that evaluate, for every channel and candidate, the exact change of each
+   token's cosine when that channel alone switches (other channels at their current choice). An optional
+   golden-section refinement polishes ``r_c`` between grid neighbours (on ``L_p``).
+4. **Modality awareness** (our extension): every expectation above is a weighted mean over rows, the weights
+   either pooled (``1/N``) or balanced per modality (``w_m / N_m``, equal ``w_m`` by default), so a rare
+   modality's tokens weigh as much as the dominant one's; losses are reported per modality.
+
+Static per-input-channel scales are folded into the weights before weight quantization (see ``QuantLinear``).
+Because a dense-DABC outlier channel is reconstructed exactly whatever its scale, its scale is set to the median
+scale of the compliant channels: that keeps its folded weight column from inflating the weight quantization
+step of its group. With dynamic per-token activations, ``α_c`` is a clip applied before per-token scaling.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..layers import QuantLinear
+from ..numerics import QuantSpec, range_qparams
+from ..statistics import Modality, ModalityStats
+from ..statistics.dispersion import Threshold, global_threshold, modality_outlier_mask
+from .base import BlockContext, Method, MethodOptions, register
+
+
+class MorphoOptions(MethodOptions):
+    # --- outlier channels (Eq. 5-6)
+    k: float = Field(2.0, gt=0)
+    thresholds: Literal["local", "global", "local+global"] = "local+global"
+    per_modality_outliers: bool = False
+    down_proj_all_outliers: bool = False
+    """Reference semantics: every channel of every mlp.down_proj is an outlier channel."""
+    # --- DABC (Eq. 7)
+    dabc: Literal["dense", "sparse", "none"] = "dense"
+    rho: float = Field(0.8, gt=0)
+    budget: float | None = Field(0.05, gt=0, le=1)
+    """dense: max fraction of a layer's input channels on the 16-bit path; sparse: max fraction of its
+    activation elements. None = unbounded (the authors' code)."""
+    # --- MDQFO (Eq. 8-10)
+    clip_search: bool = True
+    grid_points: int = Field(20, ge=1)
+    grid_low: float = Field(0.3, gt=0, le=1)
+    grid_high: float = Field(1.0, gt=0, le=1)
+    grid_spacing: Literal["linear", "log"] = "linear"
+    p: float = Field(2.0, gt=0)
+    lambda_cos: float = Field(1.0, ge=0)
+    cos_sweeps: int = Field(2, ge=0)
+    refine: Literal["none", "golden"] = "none"
+    refine_steps: int = Field(8, ge=1)
+    base_interval: Literal["symmetric", "minmax", "reference"] = "symmetric"
+    """symmetric: ±max|x| (the paper's ±α); minmax: [min, max]; reference: the authors' rule (shorter side of a
+    zero-straddling range for outliers, longer side for the others, one-signed channels keep [min, max])."""
+    accumulate: Literal["sum", "ema"] = "sum"
+    ema_momentum: float = Field(0.5, ge=0, lt=1)
+    search_batch_rows: int = Field(512, ge=1)
+    # --- modality awareness
+    modality_weighting: Literal["pooled", "balanced"] | dict[str, float] = "pooled"
+    outlier_scale: Literal["median", "own"] = "median"
+    """Scale given to dense-DABC outlier channels before folding (median of compliant channels, or their own)."""
+
+    @model_validator(mode="after")
+    def _grid(self):
+        if self.grid_low > self.grid_high:
+            raise ValueError(f"grid_low ({self.grid_low}) must not exceed grid_high ({self.grid_high})")
+        if isinstance(self.modality_weighting, dict):
+            bad = set(self.modality_weighting) - {m.label for m in Modality}
+            if bad:
+                raise ValueError(f"modality_weighting has unknown modalities {sorted(bad)}")
+        return self
+
+    def grid(self) -> torch.Tensor:
+        if self.grid_points == 1:
+            return torch.tensor([self.grid_high])
+        if self.grid_spacing == "log":
+            return torch.logspace(math.log10(self.grid_low), math.log10(self.grid_high), self.grid_points)
+        return torch.linspace(self.grid_low, self.grid_high, self.grid_points)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def row_weights(ids: torch.Tensor | None, n: int, weighting) -> torch.Tensor:
+    """Per-row weights summing to 1: pooled ``1/N``, or per modality ``w_m / N_m`` (normalised over present m)."""
+    if weighting == "pooled" or ids is None:
+        return torch.full((n,), 1.0 / n)
+    ids = ids.long()
+    w = torch.zeros(n)
+    present = [m for m in Modality if bool((ids == int(m)).any())]
+    unknown = ids < 0
+    groups = [(ids == int(m), (weighting.get(m.label, 0.0) if isinstance(weighting, dict) else 1.0))
+              for m in present]
+    if bool(unknown.any()):
+        groups.append((unknown, 1.0 if not isinstance(weighting, dict) else 0.0))
+    total = sum(wm for _, wm in groups)
+    if total <= 0:
+        return torch.full((n,), 1.0 / n)
+    for sel, wm in groups:
+        w[sel] = wm / total / int(sel.sum())
+    return w
+
+
+def base_interval(lo: torch.Tensor, hi: torch.Tensor, outliers: torch.Tensor, rule: str):
+    """Per-channel base range that candidate ratios shrink (see ``MorphoOptions.base_interval``)."""
+    if rule == "minmax":
+        return lo.clone(), hi.clone()
+    amax = torch.maximum(lo.abs(), hi.abs())
+    if rule == "symmetric":
+        return -amax, amax
+    straddle = (lo < 0) & (hi > 0)
+    short, long_ = torch.minimum(-lo, hi), torch.maximum(-lo, hi)
+    alpha = torch.where(outliers, short, long_)
+    return torch.where(straddle, -alpha, lo), torch.where(straddle, alpha, hi)
+
+
+def fake_channel(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Static per-channel quantize-dequantize of ``x[N, C]`` with ranges ``[lo_c, hi_c]``."""
+    s, z = range_qparams(lo, hi, spec)
+    q = torch.clamp(torch.round(x / s) + z, spec.qmin, spec.qmax)
+    return s * (q - z)
+
+
+def fake_token_clipped(x: torch.Tensor, alpha: torch.Tensor, spec: QuantSpec,
+                       token_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Clip each channel to ``±α_c``, then dynamic per-token quantize-dequantize (scale given or computed)."""
+    xc = torch.maximum(torch.minimum(x, alpha), -alpha)
+    if token_scale is None:
+        token_scale, _ = range_qparams(xc.amin(-1, keepdim=True), xc.amax(-1, keepdim=True), spec)
+    q = torch.clamp(torch.round(xc / token_scale), spec.qmin, spec.qmax)
+    return q * token_scale
+
+
+class ClipSearch:
+    """Vectorised MDQFO grid search for one layer (class docstring of the module, step 3)."""
+
+    def __init__(self, opts: MorphoOptions, spec: QuantSpec, dynamic: bool):
+        self.o, self.spec, self.dynamic = opts, spec, dynamic
+
+    def _reconstruct(self, x, r, lo, hi, outliers, token_scale=None):
+        """x̂(r) with DABC active and the number of bypassed elements per channel."""
+        if self.dynamic:
+            alpha = r * torch.maximum(lo.abs(), hi.abs())
+            xh = fake_token_clipped(x, alpha, self.spec, token_scale)
+        else:
+            alpha = r * torch.maximum(lo.abs(), hi.abs())
+            xh = fake_channel(x, r * lo, r * hi, self.spec)
+        bypass = torch.zeros(x.shape[1])
+        if self.o.dabc == "dense":
+            xh = torch.where(outliers, x, xh)
+            bypass = outliers.float() * x.shape[0]
+        elif self.o.dabc == "sparse":
+            by = outliers & (x.abs() > self.o.rho * alpha)
+            xh = torch.where(by, x, xh)
+            bypass = by.float().sum(0)
+        return xh, bypass
+
+    def _lp(self, x, xh, w):
+        return (w.reshape(-1, 1) * (x - xh).abs().pow(self.o.p)).sum(0)      # [C], weighted mean over rows
+
+    def _batched_lp(self, x, r, lo, hi, outliers, w, token_scale):
+        """L_p per channel, summed over all rows or EMA over search batches (authors' semantics)."""
+        if self.o.accumulate == "sum":
+            xh, by = self._reconstruct(x, r, lo, hi, outliers, token_scale)
+            return self._lp(x, xh, w), by
+        ema, by_total = None, torch.zeros(x.shape[1])
+        for a in range(0, x.shape[0], self.o.search_batch_rows):
+            sl = slice(a, a + self.o.search_batch_rows)
+            ts = token_scale[sl] if token_scale is not None else None
+            xh, by = self._reconstruct(x[sl], r, lo, hi, outliers, ts)
+            wb = w[sl] / w[sl].sum().clamp(min=1e-30)
+            val = self._lp(x[sl], xh, wb)
+            ema = val if ema is None else self.o.ema_momentum * ema + (1 - self.o.ema_momentum) * val
+            by_total += by
+        return ema, by_total
+
+    def search(self, x: torch.Tensor, w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+               outliers: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Per-channel ratio ``r_c`` (1 where not searched) and figures for the report."""
+        n, c = x.shape
+        grid = self.o.grid()
+        rounds = 3 if self.dynamic else 1
+        r = torch.ones(c)
+        token_scale = None
+        info: dict = {}
+        for _ in range(rounds):
+            if self.dynamic:   # per-token scales from the current clip, held fixed inside one round
+                xc = torch.maximum(torch.minimum(x, r * torch.maximum(lo.abs(), hi.abs())),
+                                   -r * torch.maximum(lo.abs(), hi.abs()))
+                token_scale, _ = range_qparams(xc.amin(-1, keepdim=True), xc.amax(-1, keepdim=True), self.spec)
+            lp = torch.empty(len(grid), c)
+            by = torch.empty(len(grid), c)
+            for j, rj in enumerate(grid):
+                lp[j], by[j] = self._batched_lp(x, torch.full((c,), float(rj)), lo, hi, outliers, w, token_scale)
+            if self.o.dabc == "sparse" and self.o.budget is not None:
+                # each outlier channel may bypass at most its share of the layer's element budget
+                k_out = max(int(outliers.sum()), 1)
+                cap = self.o.budget * n * c / k_out
+                lp = torch.where(by > cap, torch.full_like(lp, float("inf")), lp)
+            choice = lp.argmin(0)
+            if self.o.dabc == "sparse":
+                # a channel with no feasible candidate keeps the full range
+                none_ok = torch.isinf(lp).all(0)
+                choice = torch.where(none_ok, torch.full_like(choice, len(grid) - 1), choice)
+            if self.o.lambda_cos > 0 and self.o.cos_sweeps > 0:
+                choice = self._cosine_sweeps(x, w, grid, choice, lp, lo, hi, outliers, token_scale)
+            r = grid[choice].clone()
+            if self.o.dabc == "dense" and not self.dynamic:
+                r[outliers] = 1.0
+        if self.o.refine == "golden":
+            r = self._golden(x, w, grid, r, lo, hi, outliers, token_scale)
+        info["ratio_mean"] = float(r[~outliers].mean()) if bool((~outliers).any()) else 1.0
+        info["ratio_at_floor"] = float((r[~outliers] <= grid[0] + 1e-6).float().mean()) if bool(
+            (~outliers).any()) else 0.0
+        return r, info
+
+    def _cosine_sweeps(self, x, w, grid, choice, lp, lo, hi, outliers, token_scale):
+        """Jacobi sweeps on L_p/C + λ·L_cos with the exact per-token cosine change of single-channel moves."""
+        c = x.shape[1]
+        nx = x.norm(dim=1).clamp(min=1e-12)
+        cands = []
+        for rj in grid:
+            cands.append(self._reconstruct(x, torch.full((c,), float(rj)), lo, hi, outliers, token_scale)[0])
+        for _ in range(self.o.cos_sweeps):
+            cur = torch.gather(torch.stack(cands, 0), 0, choice.reshape(1, 1, c).expand(1, x.shape[0], c))[0]
+            dot = (x * cur).sum(1, keepdim=True)
+            nq2 = (cur * cur).sum(1, keepdim=True)
+            total = torch.empty(len(grid), c)
+            for j, xh_j in enumerate(cands):
+                dot_j = dot + x * (xh_j - cur)
+                nq2_j = (nq2 + xh_j * xh_j - cur * cur).clamp(min=1e-24)
+                cos = dot_j / (nx.reshape(-1, 1) * nq2_j.sqrt())
+                total[j] = lp[j] / c + self.o.lambda_cos * (1 - (w.reshape(-1, 1) * cos).sum(0))
+            new = total.argmin(0)
+            if torch.equal(new, choice):
+                break
+            choice = new
+        return choice
+
+    def _golden(self, x, w, grid, r, lo, hi, outliers, token_scale):
+        """Golden-section search of L_p per channel in [r − Δ, r + Δ] (Δ = grid step), vectorised."""
+        step = float(grid[1] - grid[0]) if len(grid) > 1 else 0.05
+        a = (r - step).clamp(min=1e-3)
+        b = (r + step).clamp(max=1.0)
+        g = (math.sqrt(5) - 1) / 2
+        for _ in range(self.o.refine_steps):
+            c1, c2 = b - g * (b - a), a + g * (b - a)
+            f1 = self._batched_lp(x, c1, lo, hi, outliers, w, token_scale)[0]
+            f2 = self._batched_lp(x, c2, lo, hi, outliers, w, token_scale)[0]
+            left = f1 <= f2
+            b = torch.where(left, c2, b)
+            a = torch.where(left, a, c1)
+        new = (a + b) / 2
+        keep = self._batched_lp(x, r, lo, hi, outliers, w, token_scale)[0] <= \
+            self._batched_lp(x, new, lo, hi, outliers, w, token_scale)[0]
+        out = torch.where(keep, r, new)
+        if self.o.dabc == "dense" and not self.dynamic:
+            out[outliers] = 1.0
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ method
+
+@register
+class MorphoQuant(Method):
+    name = "morpho"
+    Options = MorphoOptions
+    needs_inputs = True
+
+    @property
+    def needs_global_stats(self) -> bool:  # type: ignore[override]
+        return "global" in self.options.thresholds
+
+    def prepare(self, model, stacks, global_stats) -> dict:
+        if global_stats is None:
+            return {}
+        # one network-wide threshold per stack (towers and decoder have unrelated scales)
+        out = {}
+        for stack in stacks:
+            sub = {k: v for k, v in global_stats.items() if k.startswith(stack.name + ".")}
+            if sub:
+                out[stack.name] = global_threshold(sub, self.options.k)
+        return {"global_threshold": out}
+
+    def quantize_linear(self, ctx: BlockContext, name: str, linear: nn.Linear) -> QuantLinear:
+        o = self.options
+        act = ctx.act
+        if act is None:
+            raise ValueError("the morpho method quantizes activations: set activations.bits to 2..8")
+        stats: ModalityStats = ctx.stats[name]
+        gthr: Threshold | None = ctx.global_state.get("global_threshold", {}).get(ctx.stack) \
+            if "global" in o.thresholds else None
+        mask, scores, detail = modality_outlier_mask(stats, o.k, gthr, o.per_modality_outliers)
+        if o.thresholds == "global":
+            mask = scores > gthr.value if gthr is not None else torch.zeros_like(mask)
+        if o.down_proj_all_outliers and name.endswith("down_proj"):
+            mask = torch.ones_like(mask)
+        c = linear.in_features
+        if o.dabc == "dense" and o.budget is not None and int(mask.sum()) > o.budget * c:
+            keep = max(int(o.budget * c), 0)
+            top = torch.topk(torch.where(mask, scores, torch.full_like(scores, -math.inf)), keep).indices
+            mask = torch.zeros_like(mask)
+            mask[top] = True
+        if o.dabc == "none":
+            mask = torch.zeros_like(mask)
+        x = ctx.sampler.rows(name)
+        ids = ctx.sampler.ids(name)
+        w = row_weights(ids, x.shape[0], o.modality_weighting)
+        st = stats.all
+        lo, hi = base_interval(st.min, st.max, mask, o.base_interval)
+        dynamic = act.dynamic
+        search = ClipSearch(o, act.spec, dynamic)
+        r = torch.ones(c)
+        info = {}
+        if o.clip_search:
+            r, info = search.search(x, w, lo, hi, mask)
+        lo_c, hi_c = r * lo, r * hi
+        alpha = torch.maximum(lo_c.abs(), hi_c.abs())
+        report = {"outlier_channels": int(mask.sum()), "channels": c,
+                  "outlier_fraction": float(mask.float().mean()), **info,
+                  "local_threshold": detail["local_threshold"], "global_threshold": detail["global_threshold"]}
+        report.update({k: v for k, v in detail.items() if k.startswith("outliers_")})
+        outlier_idx = mask.nonzero().reshape(-1)
+        threshold = o.rho * alpha[outlier_idx] if o.dabc == "sparse" else None
+        # per-modality reconstruction loss before / after the search (report only)
+        xh0, _ = search._reconstruct(x, torch.ones(c), lo, hi, mask)
+        xh1, by = search._reconstruct(x, r, lo, hi, mask)
+        report["bypass_element_fraction"] = float(by.sum() / max(x.numel(), 1)) if o.dabc != "none" else 0.0
+        report["effective_bits"] = act.spec.bits + 16 * (report["outlier_fraction"] if o.dabc == "dense"
+                                                         else report["bypass_element_fraction"])
+        report["loss_by_modality"] = _loss_by_modality(x, xh0, xh1, ids, o.p)
+        ctx.report[name] = report
+        if dynamic:
+            clip = alpha.clone()
+            if o.dabc != "none" and outlier_idx.numel():
+                # outlier channels are recovered by DABC: clip them to the compliant channels' level
+                clip[outlier_idx] = alpha[~mask].max() if bool((~mask).any()) else clip[outlier_idx]
+            return QuantLinear.from_linear(linear, ctx.weight_spec, act, act_clip=clip, outlier_idx=outlier_idx,
+                                           dabc=o.dabc, outlier_threshold=threshold)
+        if o.dabc == "dense" and o.outlier_scale == "median" and outlier_idx.numel() and bool((~mask).any()):
+            s, _ = range_qparams(lo_c, hi_c, act.spec)
+            ratio = s[~mask].median() / s[outlier_idx]
+            lo_c, hi_c = lo_c.clone(), hi_c.clone()
+            lo_c[outlier_idx] *= ratio
+            hi_c[outlier_idx] *= ratio
+        return QuantLinear.from_linear(linear, ctx.weight_spec, act, act_range=(lo_c, hi_c),
+                                       outlier_idx=outlier_idx, dabc=o.dabc, outlier_threshold=threshold)
+
+
+def _loss_by_modality(x, xh0, xh1, ids, p) -> dict:
+    out = {}
+    for label, sel in [("all", torch.ones(x.shape[0], dtype=torch.bool))] + \
+            [(m.label, ids.long() == int(m)) for m in Modality]:
+        if bool(sel.any()):
+            out[label] = {"before": float((x[sel] - xh0[sel]).abs().pow(p).mean()),
+                          "after": float((x[sel] - xh1[sel]).abs().pow(p).mean())}
+    return out
