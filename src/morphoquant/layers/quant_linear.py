@@ -100,8 +100,9 @@ class QuantLinear(nn.Module):
 
         ``act_range``: calibrated ``(lo, hi)`` for static quantizers (per channel: ``[C]`` each).
         ``weight``: an already-processed fp32 weight to quantize instead of ``linear.weight`` (e.g. smoothed).
-        ``weight_quantizer``: ``(W'[O,C]) -> QuantizedTensor`` replacing RTN (GPTQ plugs in here); it receives
-        the *folded* weight when activation scales are per channel.
+        ``weight_quantizer``: ``(W'[O,C], fold_scale[C] | None) -> QuantizedTensor`` replacing RTN (GPTQ plugs
+        in here); it receives the *folded* weight ``W' = W·diag(s)`` and ``s`` when activation scales are per
+        channel (so a Hessian of ``x`` becomes ``diag(1/s) H diag(1/s)``), else ``W`` and ``None``.
         """
         w = (linear.weight if weight is None else weight).detach().float()
         q = cls(linear.in_features, linear.out_features, weight_spec, act, linear.bias is not None, dabc)
@@ -126,7 +127,11 @@ class QuantLinear(nn.Module):
                 if outlier_threshold is None:
                     raise ValueError("sparse DABC needs a per-outlier-channel threshold")
                 q.outlier_threshold = outlier_threshold.detach().float().reshape(-1).clone()
-        qt = (weight_quantizer or (lambda m: quantize_weight(m, weight_spec)))(w)
+        fold = q.act_scale if (act is not None and act.folded) else None
+        if weight_quantizer is None:
+            qt = quantize_weight(w, weight_spec)
+        else:
+            qt = weight_quantizer(w, fold)
         q.weight_codes, q.weight_scale, q.weight_zero = qt.codes, qt.scale.float(), qt.zero_point.float()
         return q
 

@@ -49,7 +49,12 @@ class BlockContext:
     # second look after changing something (GPTQ true-sequential, SmoothQuant re-calibration)
     rerun: Callable[..., Any] | None = None
     global_state: dict = field(default_factory=dict)
+    # name -> weight quantizer ``(W, fold_scale) -> QuantizedTensor`` (GPTQ); None = round to nearest
+    weight_quantizers: dict[str, Callable] = field(default_factory=dict)
     report: dict[str, dict] = field(default_factory=dict)   # per-linear figures the method wants logged
+
+    def weight_quantizer(self, name: str):
+        return self.weight_quantizers.get(name)
 
     def full_name(self, name: str) -> str:
         return f"{self.stack}.{self.index}.{name}"

@@ -353,7 +353,8 @@ class MorphoQuant(Method):
                 # outlier channels are recovered by DABC: clip them to the compliant channels' level
                 clip[outlier_idx] = alpha[~mask].max() if bool((~mask).any()) else clip[outlier_idx]
             return QuantLinear.from_linear(linear, ctx.weight_spec, act, act_clip=clip, outlier_idx=outlier_idx,
-                                           dabc=o.dabc, outlier_threshold=threshold)
+                                           dabc=o.dabc, outlier_threshold=threshold,
+                                           weight_quantizer=ctx.weight_quantizer(name))
         if o.dabc == "dense" and o.outlier_scale == "median" and outlier_idx.numel() and bool((~mask).any()):
             s, _ = range_qparams(lo_c, hi_c, act.spec)
             ratio = s[~mask].median() / s[outlier_idx]
@@ -361,7 +362,8 @@ class MorphoQuant(Method):
             lo_c[outlier_idx] *= ratio
             hi_c[outlier_idx] *= ratio
         return QuantLinear.from_linear(linear, ctx.weight_spec, act, act_range=(lo_c, hi_c),
-                                       outlier_idx=outlier_idx, dabc=o.dabc, outlier_threshold=threshold)
+                                       outlier_idx=outlier_idx, dabc=o.dabc, outlier_threshold=threshold,
+                                           weight_quantizer=ctx.weight_quantizer(name))
 
 
 def _loss_by_modality(x, xh0, xh1, ids, p) -> dict:

@@ -27,4 +27,5 @@ class RTN(Method):
         rng = self.static_range(ctx, name)
         if rng is not None and self.options.clip_ratio != 1.0:
             rng = (rng[0] * self.options.clip_ratio, rng[1] * self.options.clip_ratio)
-        return QuantLinear.from_linear(linear, ctx.weight_spec, ctx.act, act_range=rng)
+        return QuantLinear.from_linear(linear, ctx.weight_spec, ctx.act, act_range=rng,
+                                       weight_quantizer=ctx.weight_quantizer(name))

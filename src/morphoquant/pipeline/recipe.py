@@ -91,6 +91,14 @@ class CalibrationArgs(_Strict):
     """Input rows sampled per linear for methods that search on real activations."""
 
 
+class GPTQArgs(_Strict):
+    damp: float = Field(0.01, gt=0)
+    """Dampening added to the Hessian diagonal, as a fraction of its mean."""
+    block_size: int = Field(128, ge=1)
+    act_order: bool = True
+    """Quantize columns in order of decreasing Hessian diagonal (static groups keep their natural order)."""
+
+
 class Recipe(_Strict):
     name: str = "custom"
     description: str = ""
@@ -99,6 +107,9 @@ class Recipe(_Strict):
     weights: WeightArgs = Field(default_factory=WeightArgs)
     activations: ActivationArgs = Field(default_factory=ActivationArgs)
     stacks: dict[str, StackArgs] = Field(default_factory=dict)
+    weight_method: Literal["rtn", "gptq"] = "rtn"
+    """How weights (or folded weights) are rounded, under any activation method."""
+    gptq: GPTQArgs = Field(default_factory=GPTQArgs)
     ignore: list[str] = Field(default_factory=list)
     """Linear-name suffixes (relative to a block) never quantized."""
     calibration: CalibrationArgs = Field(default_factory=CalibrationArgs)

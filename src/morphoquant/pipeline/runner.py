@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..layers import QuantLinear
 from ..methods import BlockContext, EmptyLayerError, Method
 from ..statistics import ALL, ActivationCollector, InputSampler, Modality, ModalityStats
+from ..statistics.collector import HessianObserver
 from .recipe import Recipe
 from .stack import BlockStack, Sample
 
@@ -190,7 +191,9 @@ class LayerwiseRunner:
         tower = getattr(stack, "modality", None)
         fallback = {n: next((m for suf, m in cross.items() if n.endswith(suf)), tower) for n in linears}
         sampler = InputSampler(self.recipe.calibration.max_rows_per_layer) if self.method.needs_inputs else None
-        collector = ActivationCollector(linears, fallback, [sampler] if sampler else [])
+        hessian = HessianObserver() if self.recipe.weight_method == "gptq" else None
+        collector = ActivationCollector(linears, fallback, [o for o in (sampler, hessian) if o is not None])
+        collector.hessian = hessian
         outs = [] if keep_outputs else None
         with collector:
             for i in range(len(store)):
@@ -280,7 +283,8 @@ class LayerwiseRunner:
                         fp_outs = outs
                     usable = self._check_empty(stack, bi, collector.stats, group)
                     ctx = BlockContext(stack.name, bi, block, usable, collector.stats, weight_spec, act, sampler,
-                                       rerun=None, global_state=state)
+                                       rerun=None, global_state=state,
+                                       weight_quantizers=self._weight_quantizers(collector, usable, weight_spec))
                     ctx.rerun = lambda observers=(), _b=block: self._rerun(_b, store, observers)
                     replacements = self.method.quantize_block(ctx) if usable else {}
                     for name, qlin in replacements.items():
@@ -300,6 +304,22 @@ class LayerwiseRunner:
         finally:
             bar.close()
             store.close()
+
+    def _weight_quantizers(self, collector, linears, spec) -> dict:
+        """GPTQ weight quantizers bound to each linear's Hessian (empty for round-to-nearest)."""
+        if collector.hessian is None:
+            return {}
+        from ..methods.gptq import gptq_quantize
+        g = self.recipe.gptq
+
+        def make(name):
+            h = collector.hessian.hessian(name)
+
+            def quantizer(w, fold_scale):
+                hh = h if fold_scale is None else h / fold_scale.reshape(-1, 1) / fold_scale.reshape(1, -1)
+                return gptq_quantize(w, hh, spec, damp=g.damp, block_size=g.block_size, act_order=g.act_order)
+            return quantizer
+        return {name: make(name) for name in linears}
 
     def _groups(self, stack: BlockStack, linears: dict[str, nn.Module]) -> list[dict[str, nn.Module]]:
         if not self.recipe.sequential or not stack.sequential_groups:

@@ -96,3 +96,30 @@ class InputSampler:
         self._rows.clear()
         self._ids.clear()
         self._n.clear()
+
+
+class HessianObserver:
+    """Accumulates ``H = (2/N) Σ_n x_n x_nᵀ`` (fp32 ``[C, C]``) of each linear's non-padding input rows, the
+    second-order statistic GPTQ needs."""
+
+    def __init__(self, names: set[str] | None = None):
+        self.names = names
+        self.h: dict[str, torch.Tensor] = {}
+        self.n: dict[str, int] = {}
+
+    def __call__(self, name: str, x: torch.Tensor, ids: torch.Tensor | None) -> None:
+        if self.names is not None and name not in self.names:
+            return
+        if ids is not None:
+            x = x[ids != PAD]
+        x = x.double()
+        if name not in self.h:
+            self.h[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.n[name] = 0
+        self.h[name] += x.T @ x
+        self.n[name] += x.shape[0]
+
+    def hessian(self, name: str) -> torch.Tensor:
+        if not self.n.get(name):
+            raise KeyError(f"no input rows reached layer {name}: no Hessian for GPTQ")
+        return (2.0 * self.h[name] / self.n[name]).float()
