@@ -1,0 +1,371 @@
+"""``morphoquant`` command line: quantize, eval, inspect, recipes, zoo.
+
+The default ``morphoquant quantize`` is the project's main job: it quantizes the real offline SmolLM2-135M
+(W4A4, round-to-nearest and MorphoQuant), evaluates Wikipedia perplexity against full precision on the disjoint
+evaluation split and prints one table with the time taken.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_RECIPES = ["rtn-w4a4", "rtn-w4a4-static", "morpho"]
+
+log = logging.getLogger("morphoquant")
+
+
+class CLIError(Exception):
+    """An error shown to the user as one clear line (no traceback)."""
+
+
+def _parse_set(values: list[str]) -> dict:
+    """``--set options.k=3 --set weights.group_size=128`` → nested dict (values parsed as YAML scalars)."""
+    import yaml
+    out: dict = {}
+    for item in values or []:
+        if "=" not in item:
+            raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
+        key, val = item.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(val)
+    return out
+
+
+def _setup_logging(args) -> None:
+    level = logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+
+def _load(model_ref: str):
+    from ..zoo import load_model
+    t = time.time()
+    model, proc = load_model(model_ref)
+    log.info("loaded %s (%s, %.1f M params) in %.1f s", model_ref, type(model).__name__,
+             sum(p.numel() for p in model.parameters()) / 1e6, time.time() - t)
+    return model, proc
+
+
+def _check_out_dir(out: Path, model_ref: str, recipe_name: str, overwrite: bool) -> None:
+    """Refuse to mix runs: an existing output dir must hold the same model and recipe (or --overwrite)."""
+    manifest = out / "run.json"
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not manifest.exists():
+        if overwrite:
+            return
+        raise CLIError(f"output directory {out} is not empty and was not written by morphoquant; choose another "
+                       "--out or pass --overwrite")
+    prev = json.loads(manifest.read_text())
+    if (prev.get("model"), prev.get("recipe")) != (model_ref, recipe_name) and not overwrite:
+        raise CLIError(f"output directory {out} already holds {prev.get('model')} quantized with "
+                       f"{prev.get('recipe')}; choose another --out or pass --overwrite")
+
+
+def _write_json(path: Path, data) -> None:
+    from ..utils.atomic import atomic_write_text
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def _dry_run(model, recipe, adapter) -> None:
+    for stack in adapter.stacks():
+        on = recipe.stack_enabled(stack.name, stack.default_enabled)
+        w, a = recipe.stack_formats(stack.name)
+        scope = getattr(stack, "modality", None)
+        print(f"stack {stack.name}: {'QUANTIZE' if on else 'keep 16-bit'}; {len(stack.blocks)} blocks; modality "
+              f"{scope.label if scope is not None else 'mixed (per-token masks)'}")
+        if not on:
+            continue
+        abits = "A16" if a is None else f"A{a.spec.bits} {a.spec.granularity} {'dynamic' if a.dynamic else 'static'}"
+        wdesc = f"W{w.bits} {w.granularity}{w.group_size or ''} {w.fmt}"
+        names = list(stack.linears(stack.blocks[0]))
+        names = [n for n in names if not any(n.endswith(s) for s in recipe.ignore)]
+        print(f"  per block: {', '.join(names)}  [{wdesc}, {abits}, method {recipe.method}]")
+    print("never quantized: " + ", ".join(adapter.protected_module_names()))
+
+
+def cmd_quantize(args) -> int:
+    import torch
+
+    from ..api import quantize
+    from ..eval.tasks import task_for
+    from ..models import get_adapter
+    from ..pipeline.recipe import load_recipe
+    from ..pipeline.runner import environment_versions, peak_rss_mb
+
+    torch.manual_seed(args.seed)
+    overrides = _parse_set(args.set)
+    recipes = [load_recipe(r, overrides) for r in (args.recipe or DEFAULT_RECIPES)]
+    for r in recipes:
+        if args.calib is not None:
+            r.calibration.num_samples = args.calib
+        if args.seq_len is not None:
+            r.calibration.seq_len = args.seq_len
+        r.calibration.seed = args.seed
+    model, proc = _load(args.model)
+    adapter = get_adapter(model)
+    if args.dry_run:
+        for r in recipes:
+            print(f"== recipe {r.name}")
+            _dry_run(model, r, adapter)
+        return 0
+    task = task_for(model, proc, eval_windows=args.eval_size, seq_len=args.seq_len or 512)
+    rows = []
+    fp_metrics = None
+    if not args.no_eval:
+        t = time.time()
+        fp_metrics = task.evaluate(model, progress=not args.quiet)
+        rows.append({"recipe": "fp32", task.metric: fp_metrics[task.metric], "seconds_eval": time.time() - t})
+        log.info("FP32 %s = %.4g", task.metric, fp_metrics[task.metric])
+    calib_cache: dict = {}
+    out_root = Path(args.out) if args.out else None
+    for recipe in recipes:
+        key = (recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed)
+        if key not in calib_cache:
+            calib_cache[key] = task.calibration_samples(*key)
+        samples = calib_cache[key]
+        qmodel = copy.deepcopy(model)
+        out = out_root / recipe.name if out_root else None
+        if out:
+            _check_out_dir(out, args.model, recipe.name, args.overwrite)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "layers.jsonl").unlink(missing_ok=True)
+        log.info("== %s: %s", recipe.name, recipe.description.strip())
+        report = quantize(qmodel, recipe, samples, log_path=out / "layers.jsonl" if out else None,
+                          progress=not args.quiet)
+        row = {"recipe": recipe.name, "calib_seconds": report.seconds, "peak_rss_mb": peak_rss_mb()}
+        row.update(_bit_summary(report))
+        if not args.no_eval:
+            t = time.time()
+            m = task.evaluate(qmodel, reference=model, progress=not args.quiet)
+            row[task.metric] = m[task.metric]
+            row["seconds_eval"] = time.time() - t
+            if fp_metrics:
+                row["x_fp"] = m[task.metric] / fp_metrics[task.metric] if fp_metrics[task.metric] else None
+            row["metrics"] = m
+        rows.append(row)
+        if out:
+            (out / "recipe.yaml").write_text(recipe.to_yaml())
+            _write_json(out / "report.json", {"row": row, "fp": fp_metrics, "quantization": report.to_dict(),
+                                              "task": task.describe()})
+            if not args.no_save:
+                _save_checkpoint(qmodel, proc, out, recipe, samples, args)
+            _write_json(out / "run.json", {"model": args.model, "recipe": recipe.name,
+                                           "versions": environment_versions(), "command": sys.argv})
+        del qmodel
+    _print_table(rows, task, args)
+    if out_root:
+        _write_json(out_root / "summary.json", rows)
+    return 0
+
+
+def _bit_summary(report) -> dict:
+    """MAC-weighted mean effective activation bits and 16-bit channel share over all quantized linears."""
+    macs = bits = frac = 0.0
+    for rec in report.records:
+        for info in rec.linears.values():
+            eff = info.get("effective_bits")
+            if eff is None:
+                continue
+            m = float(info.get("channels", 1))
+            macs += m
+            bits += m * eff
+            frac += m * info.get("outlier_fraction", 0.0)
+    if not macs:
+        return {}
+    return {"effective_act_bits": bits / macs, "outlier_channel_share": frac / macs}
+
+
+def _save_checkpoint(qmodel, proc, out: Path, recipe, samples, args) -> None:
+    try:
+        from ..export import save_quantized
+    except ImportError:  # export layer not available in this build
+        log.warning("checkpoint export is not available; skipped")
+        return
+    import hashlib
+    h = hashlib.sha256()
+    for s in samples:
+        for k in sorted(s):
+            h.update(k.encode())
+            h.update(s[k].numpy().tobytes())
+    manifest = {"model": args.model, "num_samples": recipe.calibration.num_samples,
+                "seq_len": recipe.calibration.seq_len, "seed": recipe.calibration.seed,
+                "source": "built-in task calibration split", "sha256": h.hexdigest()}
+    save_quantized(qmodel, out / "checkpoint", recipe, manifest, processor=proc)
+
+
+def _print_table(rows, task, args) -> None:
+    metric = task.metric
+    print()
+    print(f"model {args.model}  task {task.kind}  metric {metric} ({'lower' if task.lower_is_better else 'higher'} "
+          "is better)")
+    hdr = f"{'recipe':<22} {metric:>10} {'x FP':>7} {'eff.bits':>8} {'16b ch.':>8} {'calib s':>8} {'peak MB':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        val = r.get(metric)
+        print(f"{r['recipe']:<22} {val if val is None else format(val, '10.3f'):>10} "
+              f"{format(r['x_fp'], '7.2f') if r.get('x_fp') else '':>7} "
+              f"{format(r['effective_act_bits'], '8.2f') if 'effective_act_bits' in r else '':>8} "
+              f"{format(100 * r['outlier_channel_share'], '7.1f') + '%' if 'outlier_channel_share' in r else '':>8} "
+              f"{format(r['calib_seconds'], '8.1f') if 'calib_seconds' in r else '':>8} "
+              f"{format(r['peak_rss_mb'], '8.0f') if 'peak_rss_mb' in r else '':>8}")
+
+
+def cmd_eval(args) -> int:
+    from ..eval.tasks import task_for
+    model, proc = _load_any(args.model)
+    task = task_for(model, proc, eval_windows=args.eval_size, seq_len=args.seq_len or 512)
+    m = task.evaluate(model, progress=not args.quiet)
+    print(json.dumps(m, indent=2, default=str))
+    return 0
+
+
+def _load_any(ref: str):
+    """A quantized checkpoint directory (morphoquant manifest) or anything ``zoo.load_model`` accepts."""
+    p = Path(ref)
+    if p.is_dir() and (p / "morphoquant.json").exists():
+        from ..export import load_quantized
+        from ..zoo.registry import load_processor
+        return load_quantized(p), load_processor(p)
+    return _load(ref)
+
+
+def cmd_inspect(args) -> int:
+    import torch
+
+    from ..eval.tasks import task_for
+    from ..models import get_adapter
+    from ..pipeline.runner import LayerwiseRunner
+    from ..pipeline.recipe import load_recipe
+    from ..statistics import ActivationCollector
+
+    model, proc = _load(args.model)
+    adapter = get_adapter(model)
+    task = task_for(model, proc)
+    samples = task.calibration_samples(args.calib, args.seq_len or 512, 0)
+    recipe = load_recipe("rtn-w4a16")
+    runner = LayerwiseRunner(model, adapter.stacks(), recipe, samples, progress=False)
+    result = {}
+    for stack in adapter.stacks():
+        store = runner._capture(stack)
+        for bi, block in enumerate(stack.blocks):
+            linears = stack.linears(block)
+            with ActivationCollector(linears, getattr(stack, "modality", None)) as col:
+                for i in range(len(store)):
+                    c = store[i]
+                    col.current_ids = c.ids
+                    y = runner._run_block(block, c)
+                    c.hidden = y
+                    store[i] = c
+            for name, st in col.stats.items():
+                result[f"{stack.name}.{bi}.{name}"] = st.summary()
+        store.close()
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {len(result)} layers to {args.out}")
+    else:
+        for name, s in result.items():
+            a = s.get("all", {})
+            print(f"{name:<40} absmax/median {a.get('absmax_max_over_median', 0):8.1f}  kurtosis max "
+                  f"{a.get('kurtosis_max', 0):8.1f}  modalities {','.join(k for k in s if k != 'all')}")
+    del torch
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from ..pipeline.recipe import builtin_recipes, load_recipe
+    for name in sorted(builtin_recipes()):
+        r = load_recipe(name)
+        print(f"{name:<20} {' '.join(r.description.split())}")
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from ..zoo.registry import convert_model, list_models
+    if args.fetch:
+        for name in args.fetch:
+            print(convert_model(name))
+        return 0
+    for row in list_models():
+        print(f"{row['name']:<18} {row.get('architecture', ''):<34} {'converted' if row.get('converted') else '-':<10} "
+              f"{row.get('description', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="morphoquant", description=__doc__.splitlines()[0])
+    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model with one or more recipes and evaluate it")
+    q.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="zoo name, local HF dir or hub id")
+    q.add_argument("-r", "--recipe", action="append", help="built-in recipe name or YAML path (repeatable)")
+    q.add_argument("--out", help="output directory (one sub-directory per recipe)")
+    q.add_argument("--calib", type=int, default=None, help="number of calibration samples")
+    q.add_argument("--seq-len", type=int, default=None, help="calibration/evaluation sequence length")
+    q.add_argument("--eval-size", type=int, default=16, help="evaluation windows / sentences")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (dotted keys)")
+    q.add_argument("--no-eval", action="store_true")
+    q.add_argument("--no-save", action="store_true", help="do not write the quantized checkpoint")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--dry-run", action="store_true", help="print what would be quantized and exit")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a model or a quantized checkpoint directory")
+    e.add_argument("model")
+    e.add_argument("--eval-size", type=int, default=16)
+    e.add_argument("--seq-len", type=int, default=None)
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="per-layer activation statistics (per modality)")
+    i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    i.add_argument("--calib", type=int, default=4)
+    i.add_argument("--seq-len", type=int, default=256)
+    i.add_argument("--out", help="write JSON here")
+    i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("recipes", help="list built-in recipes")
+    r.set_defaults(func=cmd_recipes)
+
+    z = sub.add_parser("zoo", help="list or convert the offline real models")
+    z.add_argument("--fetch", nargs="*", help="convert these zoo models now")
+    z.set_defaults(func=cmd_zoo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    from ..data import DataError
+    from ..pipeline.recipe import RecipeError
+    from ..pipeline.runner import CalibrationDataError
+    known = (CLIError, RecipeError, CalibrationDataError, DataError, ValueError, FileNotFoundError, OSError)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except known as e:   # clear one-line errors for bad input; programming errors keep their traceback
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        print(f"morphoquant: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
