@@ -85,8 +85,8 @@ class CalibrationArgs(_Strict):
     num_samples: int = Field(16, ge=1)
     seq_len: int = Field(512, ge=2)
     seed: int = 0
-    modalities: list[Literal["text", "image", "video", "audio"]] = ["text"]
-    """Modalities the calibration data must contain; missing ones are an error."""
+    modalities: list[Literal["text", "image", "video", "audio"]] = Field(default_factory=list)
+    """Modalities the calibration data must contain (missing ones are an error); empty = no requirement."""
     max_rows_per_layer: int = Field(4096, ge=16)
     """Input rows sampled per linear for methods that search on real activations."""
 

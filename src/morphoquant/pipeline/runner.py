@@ -151,7 +151,10 @@ class LayerwiseRunner:
 
         handle = stack.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
+            uses = getattr(stack, "uses_sample", None)
             for sample in self.samples:
+                if uses is not None and not uses(sample):
+                    continue     # e.g. a text-only sample never reaches the vision tower
                 box.clear()
                 try:
                     with torch.no_grad():
@@ -172,6 +175,10 @@ class LayerwiseRunner:
                 store.append(_Captured(hidden.detach(), rest, kwargs, key, ids))
         finally:
             handle.remove()
+        if len(store) == 0:
+            raise CalibrationDataError(
+                f"no calibration sample reaches stack {stack.name!r}: add samples with its inputs "
+                "(e.g. images for a vision tower, audio for an audio tower) or disable the stack in the recipe")
         return store
 
     @staticmethod
@@ -190,9 +197,11 @@ class LayerwiseRunner:
         cross = getattr(stack, "cross_inputs", {}) or {}
         tower = getattr(stack, "modality", None)
         fallback = {n: next((m for suf, m in cross.items() if n.endswith(suf)), tower) for n in linears}
+        cross_names = {n for n in linears if any(n.endswith(suf) for suf in cross)}
         sampler = InputSampler(self.recipe.calibration.max_rows_per_layer) if self.method.needs_inputs else None
         hessian = HessianObserver() if self.recipe.weight_method == "gptq" else None
-        collector = ActivationCollector(linears, fallback, [o for o in (sampler, hessian) if o is not None])
+        collector = ActivationCollector(linears, fallback, [o for o in (sampler, hessian) if o is not None],
+                                        cross=cross_names)
         collector.hessian = hessian
         outs = [] if keep_outputs else None
         with collector:

@@ -23,11 +23,12 @@ class ActivationCollector:
     """
 
     def __init__(self, linears: dict[str, nn.Module], fallback: Modality | dict[str, Modality] | None = None,
-                 observers: list[Observer] | tuple = ()):
+                 observers: list[Observer] | tuple = (), cross: set[str] = frozenset()):
         self.linears = linears
         self.fallback = fallback
         self.observers = list(observers)
         self.stats = {name: ModalityStats(mod.in_features, name) for name, mod in linears.items()}
+        self.cross = set(cross)   # linears reading another sequence: never aligned with current_ids
         self.current_ids: torch.Tensor | None = None
         self._handles: list = []
 
@@ -36,7 +37,7 @@ class ActivationCollector:
             x = args[0]
             x2 = x.detach().reshape(-1, x.shape[-1])
             ids = self.current_ids
-            aligned = ids is not None and ids.numel() == x2.shape[0]
+            aligned = ids is not None and ids.numel() == x2.shape[0] and name not in self.cross
             fb = self.fallback.get(name) if isinstance(self.fallback, dict) else self.fallback
             self.stats[name].update(x2, ids if aligned else None, fb)
             row_ids = ids.reshape(-1) if aligned else None

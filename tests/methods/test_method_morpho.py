@@ -1,0 +1,136 @@
+import copy
+
+import pytest
+import torch
+
+from morphoquant import quantize
+from morphoquant.methods.morpho import ClipSearch, MorphoOptions, row_weights
+from morphoquant.models.tiny import tiny_model
+from morphoquant.numerics import QuantSpec
+from morphoquant.pipeline.recipe import load_recipe
+from morphoquant.statistics import Modality
+
+SPEC = QuantSpec(4, False, "channel")
+
+
+def _hetero(n_text=1900, n_audio=100, c=16, seed=0):
+    """Text rows: Gaussian; audio rows (5 %): heavy-tailed and 6x wider on every channel."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(n_text, c, generator=g)
+    audio = torch.distributions.StudentT(3.0).sample((n_audio, c)) * 6
+    x = torch.cat([text, audio])
+    ids = torch.cat([torch.zeros(n_text), torch.full((n_audio,), int(Modality.AUDIO))]).to(torch.int8)
+    return x, ids
+
+
+def _mse(x, xh, sel):
+    return float((x[sel] - xh[sel]).pow(2).mean())
+
+
+def test_row_weights_balanced_equalises_modalities():
+    ids = torch.tensor([0, 0, 0, 3], dtype=torch.int8)
+    w = row_weights(ids, 4, "balanced")
+    torch.testing.assert_close(w, torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 2]))
+    torch.testing.assert_close(row_weights(ids, 4, "pooled"), torch.full((4,), 0.25))
+    w = row_weights(ids, 4, {"text": 3.0, "audio": 1.0})
+    torch.testing.assert_close(w, torch.tensor([.25, .25, .25, .25]))
+
+
+def test_balanced_objective_changes_alpha_when_one_modality_is_rare():
+    x, ids = _hetero()
+    lo, hi = x.amin(0), x.amax(0)
+    none = torch.zeros(x.shape[1], dtype=torch.bool)
+    r = {}
+    for mode in ("pooled", "balanced"):
+        o = MorphoOptions(dabc="none", lambda_cos=0.0, modality_weighting=mode, base_interval="minmax")
+        r[mode], _ = ClipSearch(o, SPEC, dynamic=False).search(x, row_weights(ids, len(ids), mode), lo, hi, none)
+    # pooled clips hard for the 95 % text rows; balanced keeps more of the audio range
+    assert r["balanced"].mean() > r["pooled"].mean() + 0.05
+
+
+def test_modality_aware_recipe_beats_pooled_on_rare_modality():
+    """Synthetic heterogeneous data: the balanced objective lowers the rare modality's error at little cost."""
+    from morphoquant.methods.morpho import fake_channel
+    x, ids = _hetero(seed=1)
+    xt, idt = _hetero(seed=2)      # held-out rows
+    lo, hi = x.amin(0), x.amax(0)
+    none = torch.zeros(x.shape[1], dtype=torch.bool)
+    err = {}
+    for mode in ("pooled", "balanced"):
+        o = MorphoOptions(dabc="none", lambda_cos=0.0, modality_weighting=mode, base_interval="minmax")
+        r, _ = ClipSearch(o, SPEC, False).search(x, row_weights(ids, len(ids), mode), lo, hi, none)
+        xh = fake_channel(xt, r * lo, r * hi, SPEC)
+        err[mode] = (_mse(xt, xh, idt == 3), _mse(xt, xh, idt == 0))
+    # held-out: the rare modality's error drops clearly, and the modality-averaged error is lower
+    assert err["pooled"][0] / err["balanced"][0] > 1.2
+    assert sum(err["balanced"]) < sum(err["pooled"])
+
+
+def test_search_accumulates_over_all_rows_not_ema():
+    """With accumulate=sum the choice depends on every row; with an EMA the last batch dominates."""
+    g = torch.Generator().manual_seed(0)
+    calm = torch.randn(1024, 4, generator=g)
+    wild = torch.randn(64, 4, generator=g) * 20
+    x = torch.cat([wild, calm])            # wild rows first: an EMA forgets them
+    lo, hi = x.amin(0), x.amax(0)
+    none = torch.zeros(4, dtype=torch.bool)
+    w = torch.full((x.shape[0],), 1 / x.shape[0])
+    r_sum, _ = ClipSearch(MorphoOptions(dabc="none", lambda_cos=0, search_batch_rows=64), SPEC, False).search(
+        x, w, lo, hi, none)
+    r_ema, _ = ClipSearch(MorphoOptions(dabc="none", lambda_cos=0, accumulate="ema", search_batch_rows=64), SPEC,
+                          False).search(x, w, lo, hi, none)
+    assert not torch.equal(r_sum, r_ema)
+
+
+def test_cosine_term_runs_and_is_deterministic():
+    x, ids = _hetero(c=12)
+    lo, hi = x.amin(0), x.amax(0)
+    none = torch.zeros(12, dtype=torch.bool)
+    o = MorphoOptions(dabc="none", lambda_cos=5.0)
+    w = row_weights(ids, len(ids), "pooled")
+    a, _ = ClipSearch(o, SPEC, False).search(x, w, lo, hi, none)
+    b, _ = ClipSearch(o, SPEC, False).search(x, w, lo, hi, none)
+    assert torch.equal(a, b) and ((a >= 0.3 - 1e-6) & (a <= 1.0 + 1e-6)).all()
+
+
+def test_sparse_budget_bounds_bypassed_elements():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=g)
+    x[:, 0] *= 30
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[0] = True
+    lo, hi = x.amin(0), x.amax(0)
+    w = torch.full((2000,), 1 / 2000)
+    o = MorphoOptions(dabc="sparse", rho=0.8, budget=0.01, lambda_cos=0)
+    search = ClipSearch(o, SPEC, False)
+    r, _ = search.search(x, w, lo, hi, mask)
+    _, by = search._reconstruct(x, r, lo, hi, mask)
+    assert float(by.sum()) / x.numel() <= 0.01 + 1e-9
+    o_unbounded = MorphoOptions(dabc="sparse", rho=0.8, budget=None, lambda_cos=0)
+    r2, _ = ClipSearch(o_unbounded, SPEC, False).search(x, w, lo, hi, mask)
+    assert r2[0] <= r[0]      # without a budget the outlier channel drifts to a smaller clip (authors' behaviour)
+
+
+@pytest.mark.parametrize("recipe", ["morpho", "morpho-reference", "morpho-modal"])
+def test_recipes_run_on_tiny_omni_with_mixed_modalities(recipe):
+    model, factory = tiny_model("qwen2.5-omni-thinker")
+    samples = [factory(seed=0), factory(seed=1, video=True)]
+    q = copy.deepcopy(model)
+    rep = quantize(q, load_recipe(recipe, {"weights": {"group_size": 16}}), samples, progress=False)
+    info = rep.records[0].linears["self_attn.q_proj"]
+    assert {"outlier_channels", "effective_bits", "loss_by_modality"} <= set(info)
+    assert {"text", "image", "audio"} <= set(info["loss_by_modality"])
+    with torch.no_grad():
+        out = q(**factory(seed=3))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_dense_budget_caps_outlier_share_and_reports_bits():
+    model, factory = tiny_model("llama")
+    q = copy.deepcopy(model)
+    rep = quantize(q, load_recipe("morpho", {"weights": {"group_size": 16}, "options": {"budget": 0.02, "k": 0.5}}),
+                   [factory()], progress=False)
+    for rec in rep.records:
+        for info in rec.linears.values():
+            assert info["outlier_fraction"] <= 0.02 + 1e-9
+            assert info["effective_bits"] == pytest.approx(4 + 16 * info["outlier_fraction"])
