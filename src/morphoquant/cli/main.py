@@ -156,6 +156,7 @@ def cmd_quantize(args) -> int:
             (out / "recipe.yaml").write_text(recipe.to_yaml())
             _write_json(out / "report.json", {"row": row, "fp": fp_metrics, "quantization": report.to_dict(),
                                               "task": task.describe()})
+            _save_channels(out / "channels.safetensors", report.channels)
             if not args.no_save:
                 _save_checkpoint(qmodel, proc, out, recipe, samples, args)
             _write_json(out / "run.json", {"model": args.model, "recipe": recipe.name,
@@ -182,6 +183,20 @@ def _bit_summary(report) -> dict:
     if not macs:
         return {}
     return {"effective_act_bits": bits / macs, "outlier_channel_share": frac / macs}
+
+
+def _save_channels(path: Path, channels: dict) -> None:
+    """Per-channel arrays of every quantized linear as ``"<layer>|<array>"`` tensors (for reports)."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+    flat = {f"{layer}|{k}": v.detach().float().contiguous() for layer, arrs in channels.items()
+            for k, v in arrs.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file(flat, tmp)
+    os.replace(tmp, path)
 
 
 def _save_checkpoint(qmodel, proc, out: Path, recipe, samples, args) -> None:

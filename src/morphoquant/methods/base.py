@@ -52,6 +52,7 @@ class BlockContext:
     # name -> weight quantizer ``(W, fold_scale) -> QuantizedTensor`` (GPTQ); None = round to nearest
     weight_quantizers: dict[str, Callable] = field(default_factory=dict)
     report: dict[str, dict] = field(default_factory=dict)   # per-linear figures the method wants logged
+    arrays: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)   # per-linear per-channel arrays
 
     def weight_quantizer(self, name: str):
         return self.weight_quantizers.get(name)

@@ -347,6 +347,8 @@ class MorphoQuant(Method):
                                                          else report["bypass_element_fraction"])
         report["loss_by_modality"] = _loss_by_modality(x, xh0, xh1, ids, o.p)
         ctx.report[name] = report
+        ctx.arrays[name] = {"dispersion": scores, "outlier_mask": mask.to(torch.uint8), "clip_ratio": r,
+                            "alpha": alpha}
         if dynamic:
             clip = alpha.clone()
             if o.dabc != "none" and outlier_idx.numel():

@@ -115,6 +115,8 @@ class QuantizationReport:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     stacks: list[str] = field(default_factory=list)
+    # "<stack>.<block>.<linear>" -> per-channel arrays (per-modality absmax/kurtosis, method arrays)
+    channels: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"recipe": self.recipe, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
@@ -298,9 +300,12 @@ class LayerwiseRunner:
                     replacements = self.method.quantize_block(ctx) if usable else {}
                     for name, qlin in replacements.items():
                         block.set_submodule(name, qlin)
+                        st = collector.stats[name]
                         linear_reports[name] = {"module": qlin.extra_repr(), **ctx.report.get(name, {}),
-                                                "tokens": collector.stats[name].count,
-                                                "modalities": collector.stats[name].modalities}
+                                                "tokens": st.count, "modalities": st.modalities,
+                                                "stats": st.summary()}
+                        self.report.channels[f"{stack.name}.{bi}.{name}"] = {
+                            **channel_arrays(st), **ctx.arrays.get(name, {})}
                     del collector, sampler
                 rel = self._propagate(block, store, fp_outs)
                 rec = LayerRecord(stack.name, bi, linear_reports, rel, time.time() - tb, peak_rss_mb())
@@ -378,6 +383,19 @@ class LayerwiseRunner:
             c.hidden = yq
             store[i] = c
         return {k: num[k] / max(den[k], 1e-30) for k in num}
+
+
+def channel_arrays(stats: ModalityStats) -> dict[str, torch.Tensor]:
+    """Per-channel arrays of one layer for reports: absmax, mean |x| and kurtosis, pooled and per modality."""
+    out = {}
+    for label in [ALL, *stats.modalities]:
+        st = stats[label]
+        if st.count < 2:
+            continue
+        out[f"absmax.{label}"] = st.absmax
+        out[f"mean_abs.{label}"] = st.mean_abs
+        out[f"kurtosis.{label}"] = st.kurtosis
+    return out
 
 
 def count_quantized(model: nn.Module) -> int:
