@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from morphoquant.layers import ActivationConfig, QuantLinear
+from morphoquant.numerics.integer_gemm import float_matmul
 from morphoquant.numerics import QuantSpec, dequantize, fake_quantize, quantize, quantize_weight, range_qparams
 
 
@@ -123,7 +124,10 @@ def test_fake_path_is_bit_exact_with_int8_kernel(wspec, act):
     x = _x(n=20)
     rng = (x.amin(0), x.amax(0)) if not act.dynamic else None
     q = QuantLinear.from_linear(lin, wspec, act, act_range=rng)
-    assert torch.equal(q(x), q(x, matmul=_int_mm))
+    exact = q(x, matmul=float_matmul)
+    assert torch.equal(exact, q(x, matmul=_int_mm))
+    # the fast single-GEMM path agrees with the integer product to fp32 rounding
+    torch.testing.assert_close(q(x), exact, rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
 
 
 def test_nf4_weights_with_int_activations_run():

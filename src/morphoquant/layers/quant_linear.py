@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..numerics import QuantSpec, quantize, quantize_weight, range_qparams
-from ..numerics.integer_gemm import float_matmul, integer_linear
+from ..numerics.integer_gemm import integer_linear
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,12 @@ class QuantLinear(nn.Module):
             self._w_deq = dequantize(self.weight_codes, self.weight_scale, self.weight_zero, self.weight_spec)
         return self._w_deq
 
+    def _zero_bias(self, w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``W_q z`` for per-channel zero points: the constant output bias term (cached with the weight)."""
+        if getattr(self, "_zb", None) is None or self._zb[0] is not w:
+            self._zb = (w, w @ z)
+        return self._zb[1]
+
     def _apply(self, fn, recurse=True):
         self._w_deq = None
         return super()._apply(fn, recurse)
@@ -158,29 +164,33 @@ class QuantLinear(nn.Module):
         return self.weight_spec.fmt == "int" and bool((self.weight_zero == 0).all())
 
     # ------------------------------------------------------------------ activation quantization
-    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-                                                       torch.Tensor]:
-        """``x[N, C]`` → (integer codes as fp32, zero point, row scale or None, DABC residual in GEMM units)."""
+    def quantize_input(self, x: torch.Tensor, need_resid: bool = True) -> tuple[
+            torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``x[N, C]`` → (integer codes as fp32, zero point, row scale or None, DABC residual ``[N, K]`` of the
+        outlier columns in the units of the GEMM weight, or None when ``need_resid`` is False)."""
         act = self.act
         spec = act.spec
+        idx = self.outlier_idx
         if act.dynamic:
             xc = torch.maximum(torch.minimum(x, self.act_clip), -self.act_clip)
             lo, hi = xc.amin(-1, keepdim=True), xc.amax(-1, keepdim=True)
             s, z = range_qparams(lo, hi, spec)
             x_q = quantize(xc, s, z, spec).float()
-            resid_units = x - s * (x_q - z)           # residual in x units; row scale applied later
-            return x_q, (z if not spec.symmetric else None), s, resid_units
+            resid = (x[:, idx] - s * (x_q[:, idx] - z)) if need_resid else None      # in x units
+            return x_q, (z if not spec.symmetric else None), s, resid
         s, z = self.act_scale, self.act_zero
         if act.folded:
             u = x / s
             x_q = torch.clamp(torch.round(u) + z, spec.qmin, spec.qmax)
-            return x_q, (z if not spec.symmetric else None), None, u - (x_q - z)
+            resid = (u[:, idx] - (x_q[:, idx] - z[idx])) if need_resid else None    # in folded units
+            return x_q, (z if not spec.symmetric else None), None, resid
         x_q = quantize(x, s, z, spec).float()
-        return x_q, (z if not spec.symmetric else None), s, x - s * (x_q - z)
+        resid = (x[:, idx] - s * (x_q[:, idx] - z)) if need_resid else None
+        return x_q, (z if not spec.symmetric else None), s, resid
 
     def dabc_residual(self, x: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         """``[N, K]`` residual of the outlier channels that takes the 16-bit path (zero where not bypassed)."""
-        r = resid[:, self.outlier_idx]
+        r = resid
         if self.dabc == "sparse":
             keep = x[:, self.outlier_idx].abs() > self.outlier_threshold
             r = r * keep
@@ -191,7 +201,11 @@ class QuantLinear(nn.Module):
         return r
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, matmul=float_matmul) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, matmul=None) -> torch.Tensor:
+        """Quantized product. ``matmul=None``: one fp32 GEMM of the integer activation codes with the
+        dequantized weight (the same sums as the integer kernel, in another accumulation order: agrees with it
+        to fp32 rounding, ~1e-6 relative). ``matmul=float_matmul`` (or an int8 kernel): the per-group integer
+        product of :func:`integer_linear`, bit-identical to the runtime."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         if self.act is None:
@@ -199,8 +213,17 @@ class QuantLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
             return y.reshape(*shape[:-1], -1).to(x.dtype)
-        x_q, x_zero, x_scale, resid = self.quantize_input(x2)
-        if self.integer_weight:
+        use_dabc = self.dabc != "none" and self.outlier_idx.numel() > 0
+        x_q, x_zero, x_scale, resid = self.quantize_input(x2, need_resid=use_dabc)
+        if matmul is None:
+            w = self.dequantized_weight
+            if x_zero is not None and self.act.folded:
+                y = x_q @ w.T - self._zero_bias(w, x_zero)
+            else:
+                y = (x_q - x_zero if x_zero is not None else x_q) @ w.T
+            if x_scale is not None:
+                y = y * x_scale.reshape(-1, 1) if x_scale.numel() > 1 else y * x_scale.reshape(())
+        elif self.integer_weight:
             y = integer_linear(x_q, self.weight_codes, self.weight_scale, x_zero=x_zero, x_scale=x_scale,
                                group_size=self.weight_spec.group_size, bias=None, matmul=matmul)
         else:   # code-book weights: integer activations times dequantized weights (a LUT kernel's product)
@@ -210,7 +233,7 @@ class QuantLinear(nn.Module):
                 y = y * x_scale.reshape(-1, 1) if x_scale.numel() > 1 else y * x_scale.reshape(())
         if self.track_bypass:
             self.total_elements += x2.numel()
-        if self.dabc != "none" and self.outlier_idx.numel():
+        if use_dabc:
             r = self.dabc_residual(x2, resid)
             y = y + r @ self.dequantized_weight[:, self.outlier_idx].T
         if self.bias is not None:
