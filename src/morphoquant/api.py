@@ -44,11 +44,14 @@ def check_calibration_modalities(adapter, samples: list[Sample], wanted: list[st
 
 
 def quantize(model: nn.Module, recipe: Recipe | str | Path, calib_samples: list[Sample], *,
-             log_path: str | Path | None = None, progress: bool = True) -> QuantizationReport:
+             log_path: str | Path | None = None, progress: bool = True,
+             resume_dir: str | Path | None = None) -> QuantizationReport:
     """Quantize ``model`` in place with ``recipe`` (a :class:`Recipe`, a built-in name or a YAML path).
 
     ``calib_samples`` are dicts of model keyword arguments (``input_ids``/``attention_mask``, ``pixel_values``,
     ``input_features`` ...). Returns the per-layer report; the model's linears are replaced by ``QuantLinear``.
+    With ``resume_dir`` a checkpoint is written after every block; calling again with the same model, recipe
+    and samples after an interruption resumes from it and gives the same result as an uninterrupted run.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -59,5 +62,5 @@ def quantize(model: nn.Module, recipe: Recipe | str | Path, calib_samples: list[
     model.eval()
     with torch.no_grad():
         runner = LayerwiseRunner(model, adapter.stacks(), recipe, calib_samples, log_path=log_path,
-                                 progress=progress)
+                                 progress=progress, resume_dir=resume_dir)
         return runner.run()

@@ -137,10 +137,13 @@ def cmd_quantize(args) -> int:
         if out:
             _check_out_dir(out, args.model, recipe.name, args.overwrite)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "layers.jsonl").unlink(missing_ok=True)
+            if not (out / ".resume" / "progress.json").exists():
+                (out / "layers.jsonl").unlink(missing_ok=True)
         log.info("== %s: %s", recipe.name, recipe.description.strip())
+        # with --out, a checkpoint after every block: re-running the same command resumes an interrupted run
+        resume_dir = out / ".resume" if out else None
         report = quantize(qmodel, recipe, samples, log_path=out / "layers.jsonl" if out else None,
-                          progress=not args.quiet)
+                          progress=not args.quiet, resume_dir=resume_dir)
         row = {"recipe": recipe.name, "calib_seconds": report.seconds, "peak_rss_mb": peak_rss_mb()}
         row.update(_bit_summary(report))
         if not args.no_eval:
@@ -161,6 +164,8 @@ def cmd_quantize(args) -> int:
                 _save_checkpoint(qmodel, proc, out, recipe, samples, args)
             _write_json(out / "run.json", {"model": args.model, "recipe": recipe.name,
                                            "versions": environment_versions(), "command": sys.argv})
+            import shutil
+            shutil.rmtree(resume_dir, ignore_errors=True)
         del qmodel
     _print_table(rows, task, args)
     if out_root:

@@ -132,7 +132,8 @@ class LayerwiseRunner:
     """Runs one recipe over the stacks of one model (see module docstring)."""
 
     def __init__(self, model: nn.Module, stacks: list[BlockStack], recipe: Recipe, samples: list[Sample],
-                 log_path: str | Path | None = None, progress: bool = True, method: Method | None = None):
+                 log_path: str | Path | None = None, progress: bool = True, method: Method | None = None,
+                 resume_dir: str | Path | None = None):
         if not samples:
             raise CalibrationDataError("the calibration set is empty: pass at least one sample")
         self.model, self.stacks, self.recipe, self.samples = model, stacks, recipe, samples
@@ -141,6 +142,10 @@ class LayerwiseRunner:
         self.log_path = Path(log_path) if log_path else None
         self.module_names = {id(m): n for n, m in model.named_modules()}
         self.report = QuantizationReport(recipe.name)
+        self.resume = None
+        if resume_dir is not None:
+            from .resume import ResumeCheckpoint, run_fingerprint
+            self.resume = ResumeCheckpoint(resume_dir, run_fingerprint(model, recipe.to_yaml(), samples))
 
     # ---------------------------------------------------------------- capture
     def _capture(self, stack: BlockStack) -> ActivationStore:
@@ -242,8 +247,20 @@ class LayerwiseRunner:
                 f"the recipe configures stack(s) {sorted(unknown)} that this model does not have "
                 f"(it has: {', '.join(s.name for s in self.stacks)})")
         self.report.stacks = [s.name for s in enabled]
-        global_stats = self._global_prepass(enabled) if self.method.needs_global_stats else None
-        state = self.method.prepare(self.model, enabled, global_stats)
+        resuming = self.resume is not None and self.resume.load()
+        if resuming:
+            state = self.resume.state()
+            saved = self.resume.report()
+            self.report.records = saved["records"]
+            self.report.channels = saved["channels"]
+            self.report.passthrough = saved["passthrough"]
+            log.info("resuming from %s (%d blocks done)", self.resume.dir, len(self.resume.done))
+        else:
+            global_stats = self._global_prepass(enabled) if self.method.needs_global_stats else None
+            state = self.method.prepare(self.model, enabled, global_stats)
+            if self.resume is not None:
+                self.resume.clear()
+                self.resume.save_state(state)
         log_file = open(self.log_path, "a") if self.log_path else None
         try:
             for stack in enabled:
@@ -276,11 +293,24 @@ class LayerwiseRunner:
 
     def _run_stack(self, stack: BlockStack, state: dict, log_file) -> None:
         weight_spec, act = self.recipe.stack_formats(stack.name)
-        store = self._capture(stack)
-        bar = tqdm(total=len(stack.blocks), desc=f"quantize {stack.name}", unit="block",
+        done = {b for s, b in self.resume.done if s == stack.name} if self.resume is not None else set()
+        for bi in sorted(done):        # blocks finished before an interruption: restore, don't recompute
+            for name, mod in self.resume.block_modules(stack.name, bi).items():
+                stack.blocks[bi].set_submodule(name, mod)
+        if done and len(done) == len(stack.blocks):
+            return
+        if done:
+            store = ActivationStore(self.recipe.offload)
+            for item in self.resume.activations():
+                store.append(item)
+        else:
+            store = self._capture(stack)
+        bar = tqdm(total=len(stack.blocks), initial=len(done), desc=f"quantize {stack.name}", unit="block",
                    disable=not self.progress, dynamic_ncols=True)
         try:
             for bi, block in enumerate(stack.blocks):
+                if bi in done:
+                    continue
                 tb = time.time()
                 linears = stack.linears(block)
                 for suffix in self.recipe.ignore:
@@ -313,6 +343,10 @@ class LayerwiseRunner:
                 if log_file:
                     log_file.write(json.dumps(rec.__dict__) + "\n")
                     log_file.flush()
+                if self.resume is not None:
+                    mods = {n: m for n, m in block.named_modules() if isinstance(m, QuantLinear)}
+                    self.resume.save_block(stack.name, bi, mods, [store[i] for i in range(len(store))],
+                                           self.report)
                 bar.set_postfix(err=f"{rel.get(ALL, float('nan')):.3g}")
                 bar.update(1)
         finally:

@@ -1,0 +1,46 @@
+"""Resumable calibration: SIGKILL in the middle, restart, same result as an uninterrupted run."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from morphoquant import quantize
+    from morphoquant.models.tiny import tiny_model
+    from morphoquant.pipeline.recipe import load_recipe
+    model, factory = tiny_model("llama")
+    samples = [factory(seed=s) for s in range(2)]
+    recipe = load_recipe("morpho", {"weights": {"group_size": 16}})
+    resume = sys.argv[2] if sys.argv[2] != "-" else None
+    quantize(model, recipe, samples, progress=False, resume_dir=resume)
+    torch.save({k: v for k, v in model.state_dict().items()}, sys.argv[1])
+""")
+
+
+def _run(tmp_path, out, resume, env_extra=None):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, str(script), str(out), resume], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_sigkill_then_resume_gives_identical_model(tmp_path):
+    ref = _run(tmp_path, tmp_path / "ref.pt", "-")
+    assert ref.returncode == 0, ref.stderr
+    ck = tmp_path / "ck"
+    killed = _run(tmp_path, tmp_path / "killed.pt", str(ck), {"MORPHOQUANT_FAULT_KILL_AFTER_BLOCK": "1"})
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed.pt").exists()
+    assert (ck / "progress.json").exists()
+    resumed = _run(tmp_path, tmp_path / "resumed.pt", str(ck))
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "ref.pt")
+    b = torch.load(tmp_path / "resumed.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
