@@ -63,3 +63,16 @@ def test_collector_hooks_linears():
         lin(torch.ones(1, 2, 3))
     lin(torch.ones(1, 2, 3))                  # hooks removed on exit
     assert col.stats["lin"].count == 2 and col.stats["lin"].modalities == ["text", "audio"]
+
+
+def test_linears_sharing_an_input_share_statistics_once():
+    a, b, c = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    col = ActivationCollector({"a": a, "b": b, "c": c})
+    with col:
+        for _ in range(2):
+            col.new_forward()
+            x = torch.randn(4, 3)
+            c(a(x) + b(x))
+    assert col.alias == {"b": "a"}
+    assert col.stats["b"] is col.stats["a"] and col.stats["a"].count == 8
+    assert col.stats["c"].count == 8

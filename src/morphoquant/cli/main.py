@@ -170,6 +170,22 @@ def cmd_quantize(args) -> int:
     _print_table(rows, task, args)
     if out_root:
         _write_json(out_root / "summary.json", rows)
+        _write_report(out_root)
+    return 0
+
+
+def _write_report(run_dir: Path) -> None:
+    """The HTML report is a by-product: failing to draw it never fails the run."""
+    try:
+        from ..report import build_report
+        log.info("report: %s", build_report(run_dir))
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not write the HTML report of %s: %s", run_dir, e)
+
+
+def cmd_report(args) -> int:
+    from ..report import build_report
+    print(build_report(args.dir, args.out, embed_images=args.embed))
     return 0
 
 
@@ -283,6 +299,7 @@ def cmd_inspect(args) -> int:
                 for i in range(len(store)):
                     c = store[i]
                     col.current_ids = c.ids
+                    col.new_forward()
                     y = runner._run_block(block, c)
                     c.hidden = y
                     store[i] = c
@@ -355,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seq-len", type=int, default=256)
     i.add_argument("--out", help="write JSON here")
     i.set_defaults(func=cmd_inspect)
+
+    rp = sub.add_parser("report", help="HTML report (plots + tables) of a quantize/compare output directory")
+    rp.add_argument("dir", help="the --out directory of quantize/compare (or one recipe sub-directory)")
+    rp.add_argument("--out", default=None, help="report directory (default DIR/report)")
+    rp.add_argument("--embed", action="store_true", help="embed the figures: one self-contained index.html")
+    rp.set_defaults(func=cmd_report)
 
     r = sub.add_parser("recipes", help="list built-in recipes")
     r.set_defaults(func=cmd_recipes)

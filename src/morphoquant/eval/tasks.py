@@ -62,8 +62,10 @@ class TextLMTask(Task):
     def evaluate(self, model, reference=None, progress=False):
         from ..data import evaluation_windows
         from .perplexity import evaluate_perplexity
+        from ..methods.mquant import modality_context
         w = evaluation_windows(self.processor, self.seq_len, self.eval_size)
-        res = evaluate_perplexity(model, w, batch_size=self.batch, progress=progress)
+        with modality_context(torch.tensor([0])):     # every token is text (modality-specific layers need it)
+            res = evaluate_perplexity(model, w, batch_size=self.batch, progress=progress)
         lo, hi = res.confidence_interval()
         return {"wiki_ppl": res.ppl, "wiki_ppl_ci95": [lo, hi], "eval_tokens": res.tokens}
 

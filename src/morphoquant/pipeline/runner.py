@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..layers import QuantLinear
 from ..methods import BlockContext, EmptyLayerError, Method
+from ..methods.mquant import modality_context
 from ..statistics import ALL, ActivationCollector, InputSampler, Modality, ModalityStats
 from ..statistics.collector import HessianObserver
 from .recipe import Recipe
@@ -191,7 +192,7 @@ class LayerwiseRunner:
     @staticmethod
     def _run_block(block: nn.Module, c: _Captured, hidden: torch.Tensor | None = None) -> torch.Tensor:
         h = c.hidden if hidden is None else hidden
-        with torch.no_grad():
+        with torch.no_grad(), modality_context(c.ids):
             if c.hidden_key is None:
                 return _first(block(h, *c.args, **c.kwargs)).detach()
             return _first(block(*c.args, **{c.hidden_key: h}, **c.kwargs)).detach()
@@ -215,6 +216,7 @@ class LayerwiseRunner:
             for i in range(len(store)):
                 c = store[i]
                 collector.current_ids = c.ids
+                collector.new_forward()
                 y = self._run_block(block, c)
                 if outs is not None:
                     outs.append(y)

@@ -5,7 +5,7 @@ For the rows ``x_n ∈ R^C`` (tokens) of one modality that reach a linear layer,
     min_c, max_c (fp32),   S_c = Σ_n x_{n,c},   S1_c = Σ_n |x_{n,c}|,  S2_c = Σ_n x_{n,c}²,  S3_c = Σ_n x_{n,c}³,  S4_c = Σ_n x_{n,c}⁴,
     and the row count n.
 
-Power sums are accumulated in float64 so that long calibrations do not lose precision; everything is
+Power sums are accumulated (reduced) in float64 so that long calibrations do not lose precision; everything is
 returned as fp32. From them: mean |x| = S1/n, rms = sqrt(S2/n), and the (non-excess) kurtosis
 ``κ = m4 / m2²`` with central moments from the raw sums.
 """
@@ -51,13 +51,14 @@ class ChannelStats:
         x32 = x.float()
         self.min = torch.minimum(self.min, x32.amin(0))
         self.max = torch.maximum(self.max, x32.amax(0))
-        x64 = x.double()
-        x2 = x64 * x64
-        self.sum_first += x64.sum(0)
-        self.sum_abs += x64.abs().sum(0)
-        self.sum_sq += x2.sum(0)
-        self.sum_cube += (x2 * x64).sum(0)
-        self.sum_quad += (x2 * x2).sum(0)
+        # products in fp32, reductions accumulated in fp64 (cheap and precise enough for 4th moments)
+        x2 = x32 * x32
+        f64 = torch.float64
+        self.sum_first += x32.sum(0, dtype=f64)
+        self.sum_abs += x32.abs().sum(0, dtype=f64)
+        self.sum_sq += x2.sum(0, dtype=f64)
+        self.sum_cube += (x2 * x32).sum(0, dtype=f64)
+        self.sum_quad += (x2 * x2).sum(0, dtype=f64)
         self.count += x.shape[0]
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":

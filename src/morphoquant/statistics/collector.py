@@ -31,10 +31,20 @@ class ActivationCollector:
         self.cross = set(cross)   # linears reading another sequence: never aligned with current_ids
         self.current_ids: torch.Tensor | None = None
         self._handles: list = []
+        self._seen: dict = {}
+        self.alias: dict[str, str] = {}     # linear -> the linear whose identical input it shares
 
     def _hook(self, name: str) -> Callable:
         def pre_hook(module, args):
             x = args[0]
+            # linears fed by the same tensor (q/k/v, gate/up) share one set of statistics: observe it once
+            key = (x.data_ptr(), tuple(x.shape), x._version)
+            seen = self._seen.get(key)
+            if seen is not None and seen[0] != name:
+                self.alias[name] = seen[0]
+                return
+            # keep a reference so that the address cannot be reused by another tensor within this forward
+            self._seen[key] = (name, x)
             x2 = x.detach().reshape(-1, x.shape[-1])
             ids = self.current_ids
             aligned = ids is not None and ids.numel() == x2.shape[0] and name not in self.cross
@@ -54,6 +64,16 @@ class ActivationCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._seen.clear()
+        for name, first in self.alias.items():
+            self.stats[name] = self.stats[first]
+        for obs in self.observers:
+            if hasattr(obs, "alias"):
+                obs.alias.update(self.alias)
+
+    def new_forward(self) -> None:
+        """Call before each forward: input identity is only tracked within one forward."""
+        self._seen.clear()
 
 
 class InputSampler:
@@ -69,6 +89,7 @@ class InputSampler:
         self._rows: dict[str, list[torch.Tensor]] = {}
         self._ids: dict[str, list[torch.Tensor]] = {}
         self._n: dict[str, int] = {}
+        self.alias: dict[str, str] = {}
 
     def __call__(self, name: str, x: torch.Tensor, ids: torch.Tensor | None) -> None:
         if self.names is not None and name not in self.names:
@@ -86,12 +107,13 @@ class InputSampler:
         self._n[name] = have + take
 
     def rows(self, name: str) -> torch.Tensor:
+        name = self.alias.get(name, name)
         if name not in self._rows:
             raise KeyError(f"no input rows were sampled for layer {name}")
         return torch.cat(self._rows[name])
 
     def ids(self, name: str) -> torch.Tensor:
-        return torch.cat(self._ids[name])
+        return torch.cat(self._ids[self.alias.get(name, name)])
 
     def clear(self) -> None:
         self._rows.clear()
@@ -107,6 +129,7 @@ class HessianObserver:
         self.names = names
         self.h: dict[str, torch.Tensor] = {}
         self.n: dict[str, int] = {}
+        self.alias: dict[str, str] = {}
 
     def __call__(self, name: str, x: torch.Tensor, ids: torch.Tensor | None) -> None:
         if self.names is not None and name not in self.names:
@@ -121,6 +144,7 @@ class HessianObserver:
         self.n[name] += x.shape[0]
 
     def hessian(self, name: str) -> torch.Tensor:
+        name = self.alias.get(name, name)
         if not self.n.get(name):
             raise KeyError(f"no input rows reached layer {name}: no Hessian for GPTQ")
         return (2.0 * self.h[name] / self.n[name]).float()
