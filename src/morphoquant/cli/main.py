@@ -104,6 +104,8 @@ def cmd_quantize(args) -> int:
     torch.manual_seed(args.seed)
     overrides = _parse_set(args.set)
     recipes = [load_recipe(r, overrides) for r in (args.recipe or DEFAULT_RECIPES)]
+    if getattr(args, "sanity", False):
+        recipes += _sanity_recipes(recipes, overrides)
     for r in recipes:
         if args.calib is not None:
             r.calibration.num_samples = args.calib
@@ -170,8 +172,88 @@ def cmd_quantize(args) -> int:
     _print_table(rows, task, args)
     if out_root:
         _write_json(out_root / "summary.json", rows)
+    if args.cmd == "compare":
+        _write_compare(rows, recipes, task, args, Path(args.out))
+    if out_root:
         _write_report(out_root)
+    if args.cmd == "compare" and any(r.get("sanity") == "FAIL" for r in rows):
+        print("morphoquant: W8A8 sanity check failed for: " +
+              ", ".join(r["recipe"] for r in rows if r.get("sanity") == "FAIL"), file=sys.stderr)
+        return 3
     return 0
+
+
+SANITY_SUFFIX = "@w8a8"
+SANITY_TOLERANCE = 0.05
+
+
+def _sanity_recipes(recipes, overrides) -> list:
+    """One W8A8 variant per method in the list: a method that collapses at W8A8 has a bug."""
+    from ..pipeline.recipe import load_recipe
+    out, seen = [], set()
+    for r in recipes:
+        if r.method in seen or r.name.endswith(SANITY_SUFFIX):
+            continue
+        seen.add(r.method)
+        data = r.model_dump(mode="json")
+        data["name"] = f"{r.method}{SANITY_SUFFIX}"
+        data["weights"] = {**data["weights"], "bits": 8, "granularity": "channel", "group_size": None,
+                           "format": "int"}
+        data["activations"] = {**data["activations"], "bits": 8}
+        from ..pipeline.recipe import parse_recipe
+        out.append(parse_recipe(data, f"{r.name} (W8A8 sanity variant)"))
+    del load_recipe, overrides
+    return out
+
+
+def _write_compare(rows, recipes, task, args, out: Path) -> None:
+    """The comparison table as Markdown, CSV and JSON, with the exact command and versions."""
+    import csv
+    import io
+
+    from ..pipeline.runner import environment_versions
+    by_name = {r.name: r for r in recipes}
+    metric = task.metric
+    fp = next((r.get(metric) for r in rows if r["recipe"] == "fp32"), None)
+    table = []
+    for r in rows:
+        rec = by_name.get(r["recipe"])
+        w = a = ""
+        if rec is not None:
+            w = f"W{rec.weights.bits}" + (f"g{rec.weights.group_size}" if rec.weights.granularity == "group" else "")
+            w += f"-{rec.weights.format}" if rec.weights.format != "int" else ""
+            w += "+gptq" if rec.weight_method == "gptq" else ""
+            ab = rec.activations.bits
+            a = "A16" if ab == 16 else f"A{ab}-{rec.activations.granularity}"
+        row = {"recipe": r["recipe"], "method": rec.method if rec else "-", "weights": w, "activations": a,
+               metric: r.get(metric), "x_fp": r.get("x_fp"), "effective_act_bits": r.get("effective_act_bits"),
+               "outlier_channel_share": r.get("outlier_channel_share"), "calib_seconds": r.get("calib_seconds"),
+               "peak_rss_mb": r.get("peak_rss_mb")}
+        if r["recipe"].endswith(SANITY_SUFFIX) and fp:
+            worse = (r.get(metric) or 0) / fp if task.lower_is_better else fp / max(r.get(metric) or 1e-9, 1e-9)
+            row["sanity"] = r["sanity"] = "ok" if worse <= 1 + SANITY_TOLERANCE else "FAIL"
+        table.append(row)
+    meta = {"model": args.model, "task": task.describe(), "command": " ".join(sys.argv),
+            "versions": environment_versions()}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "compare.json", {"meta": meta, "rows": table})
+    cols = list(table[0].keys()) + (["sanity"] if any("sanity" in t for t in table) else [])
+    buf = io.StringIO()
+    wr = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    wr.writeheader()
+    wr.writerows(table)
+    from ..utils.atomic import atomic_write_text
+    atomic_write_text(out / "compare.csv", buf.getvalue())
+
+    def fmt(v):
+        return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    md = [f"# Comparison: {args.model} ({task.kind}, {metric})", "",
+          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(fmt(t.get(c)) for c in cols) + " |" for t in table]
+    md += ["", f"Command: `{meta['command']}`", "", "Versions: " + ", ".join(f"{k} {v}" for k, v in
+                                                                          meta["versions"].items())]
+    atomic_write_text(out / "compare.md", "\n".join(md) + "\n")
+    print(f"comparison table: {out / 'compare.md'}")
 
 
 def _write_report(run_dir: Path) -> None:
@@ -360,6 +442,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dry-run", action="store_true", help="print what would be quantized and exit")
     q.set_defaults(func=cmd_quantize)
 
+    c = sub.add_parser("compare", help="run several recipes on one model and write one comparison table")
+    c.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="zoo name, local HF dir or hub id")
+    c.add_argument("-r", "--recipe", action="append", help="built-in recipe name or YAML path (repeatable)")
+    c.add_argument("--out", required=True, help="output directory (compare.md/.csv/.json + one dir per recipe)")
+    c.add_argument("--calib", type=int, default=None)
+    c.add_argument("--seq-len", type=int, default=None)
+    c.add_argument("--eval-size", type=int, default=16)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--set", action="append", default=[])
+    c.add_argument("--sanity", action="store_true", help="add a W8A8 variant of every method (must stay near FP)")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_quantize, no_eval=False, no_save=True, dry_run=False)
+
     e = sub.add_parser("eval", help="evaluate a model or a quantized checkpoint directory")
     e.add_argument("model")
     e.add_argument("--eval-size", type=int, default=16)
@@ -397,7 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..data import DataError
     from ..pipeline.recipe import RecipeError
     from ..pipeline.runner import CalibrationDataError
-    known = (CLIError, RecipeError, CalibrationDataError, DataError, ValueError, FileNotFoundError, OSError)
+    from ..methods import EmptyLayerError
+    from ..statistics import NonFiniteActivationError
+    from ..zoo.fetch import ZooError
+    known = (CLIError, RecipeError, CalibrationDataError, DataError, ZooError, EmptyLayerError,
+             NonFiniteActivationError, ValueError, FileNotFoundError, OSError)
     try:
         return args.func(args)
     except KeyboardInterrupt:
