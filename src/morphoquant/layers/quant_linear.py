@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..numerics import QuantSpec, quantize, quantize_weight, range_qparams
+from ..numerics import QuantSpec, quantize_to_float, quantize_weight, range_qparams
+from ..numerics.quantizers import MIN_SCALE
 from ..numerics.integer_gemm import integer_linear
 
 
@@ -172,10 +173,14 @@ class QuantLinear(nn.Module):
         spec = act.spec
         idx = self.outlier_idx
         if act.dynamic:
-            xc = torch.maximum(torch.minimum(x, self.act_clip), -self.act_clip)
-            lo, hi = xc.amin(-1, keepdim=True), xc.amax(-1, keepdim=True)
-            s, z = range_qparams(lo, hi, spec)
-            x_q = quantize(xc, s, z, spec).float()
+            clipped = bool(torch.isfinite(self.act_clip).any())
+            xc = torch.maximum(torch.minimum(x, self.act_clip), -self.act_clip) if clipped else x
+            if spec.symmetric:     # same parameters as range_qparams, without the min/max pair
+                s = (xc.abs().amax(-1, keepdim=True) / spec.qmax).clamp_(min=MIN_SCALE)
+                z = torch.zeros(())
+            else:
+                s, z = range_qparams(xc.amin(-1, keepdim=True), xc.amax(-1, keepdim=True), spec)
+            x_q = quantize_to_float(xc, s, None if spec.symmetric else z, spec)
             resid = (x[:, idx] - s * (x_q[:, idx] - z)) if need_resid else None      # in x units
             return x_q, (z if not spec.symmetric else None), s, resid
         s, z = self.act_scale, self.act_zero
@@ -184,7 +189,7 @@ class QuantLinear(nn.Module):
             x_q = torch.clamp(torch.round(u) + z, spec.qmin, spec.qmax)
             resid = (u[:, idx] - (x_q[:, idx] - z[idx])) if need_resid else None    # in folded units
             return x_q, (z if not spec.symmetric else None), None, resid
-        x_q = quantize(x, s, z, spec).float()
+        x_q = quantize_to_float(x, s, z, spec)
         resid = (x[:, idx] - s * (x_q[:, idx] - z)) if need_resid else None
         return x_q, (z if not spec.symmetric else None), s, resid
 

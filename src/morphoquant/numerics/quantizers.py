@@ -190,6 +190,16 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spe
     return _ungroup(q, c) if grouped else q
 
 
+def quantize_to_float(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                      spec: QuantSpec) -> torch.Tensor:
+    """The codes of :func:`quantize` (uniform formats, non-grouped parameters) held in an fp32 tensor —
+    the form the fake-quant GEMM consumes, without integer dtype round trips."""
+    q = torch.round(x.float() / scale)
+    if zero_point is not None:
+        q = q + zero_point
+    return q.clamp_(spec.qmin, spec.qmax)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``x̂ = s · (q − z)`` in fp32 (``s · level[q]`` for code books)."""
     grouped = spec.granularity == "group" and scale.dim() == q.dim() + 1
