@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # the API sits at the top layer; import lazily so `import morphoquant.numerics` stays light
+    if name == "load":
+        from .export import load_quantized
+        return load_quantized
     if name in ("quantize", "load_recipe", "Recipe"):
         from . import api
         return getattr(api, name)

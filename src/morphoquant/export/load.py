@@ -173,6 +173,11 @@ def load_quantized(directory: str | os.PathLike, *, model: nn.Module | None = No
     if isinstance(model_dtype, torch.dtype):
         model.to(model_dtype)
 
+    kern = None
+    if runtime == "integer":
+        from ..runtime import IntegerLinear, get_kernel, integer_runtime_support
+        kern = get_kernel(kernel)
+
     def take(key: str) -> torch.Tensor | None:
         return tensors.pop(key, None)       # popped: consumed, and each buffer is released once decoded
 
@@ -199,6 +204,8 @@ def load_quantized(directory: str | os.PathLike, *, model: nn.Module | None = No
             raise
         except (ValueError, RuntimeError) as e:
             raise ConfigMismatchError(f"module {name}: {e}") from None
+        if kern is not None and integer_runtime_support(q) is None:
+            q = IntegerLinear(q, kern)         # convert as we go: never all int8 codes and packings at once
         model.set_submodule(name, q)
 
     # 6. everything else: load into the state dict and account for every slot and every tensor
@@ -245,7 +252,5 @@ def load_quantized(directory: str | os.PathLike, *, model: nn.Module | None = No
             raise CorruptCheckpointError(f"{gen_path}: {e}") from None
     model.eval()
     model.morphoquant_manifest = m
-    if runtime == "integer":
-        from ..runtime import to_integer_runtime
-        to_integer_runtime(model, kernel)
+    del sd, current                   # release the file buffers before the runtime packs its own copies
     return model
