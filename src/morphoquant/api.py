@@ -15,7 +15,7 @@ from .pipeline.runner import CalibrationDataError, LayerwiseRunner, Quantization
 from .pipeline.stack import Sample
 from .statistics import Modality
 
-__all__ = ["quantize", "load_recipe", "Recipe", "check_calibration_modalities"]
+__all__ = ["Recipe", "check_calibration_modalities", "load_recipe", "quantize"]
 
 # sample keys that prove a modality is present even before the decoder ids are computed
 _MODALITY_KEYS = {"image": ("pixel_values",), "video": ("pixel_values_videos",),

@@ -3,8 +3,14 @@ import torch
 from torch import nn
 
 from morphoquant.layers import ActivationConfig, QuantLinear
+from morphoquant.numerics import (
+    QuantSpec,
+    fake_quantize,
+    quantize,
+    quantize_weight,
+    range_qparams,
+)
 from morphoquant.numerics.integer_gemm import float_matmul
-from morphoquant.numerics import QuantSpec, dequantize, fake_quantize, quantize, quantize_weight, range_qparams
 
 
 def _lin(c=24, o=10, bias=True, seed=0):

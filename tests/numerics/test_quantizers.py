@@ -5,8 +5,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from morphoquant.numerics import (FP4_E2M1_LEVELS, NF4_LEVELS, QuantConfigError, QuantSpec, compute_qparams,
-                                  dequantize, fake_quantize, quantize, quantize_weight, range_qparams)
+from morphoquant.numerics import (
+    FP4_E2M1_LEVELS,
+    NF4_LEVELS,
+    QuantConfigError,
+    QuantSpec,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    quantize,
+    quantize_weight,
+    range_qparams,
+)
 
 BITS = st.integers(2, 8)
 

@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from morphoquant.statistics import (PAD, ActivationCollector, ChannelStats, Modality, ModalityStats,
-                                    NonFiniteActivationError)
+from morphoquant.statistics import (
+    PAD,
+    ActivationCollector,
+    ChannelStats,
+    Modality,
+    ModalityStats,
+    NonFiniteActivationError,
+)
 
 
 def test_channel_stats_hand_computed():

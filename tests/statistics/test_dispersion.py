@@ -1,8 +1,13 @@
 import torch
 
-from morphoquant.statistics import ChannelStats, ModalityStats, Modality
-from morphoquant.statistics.dispersion import (Threshold, dispersion_score, global_threshold,
-                                               modality_outlier_mask, outlier_mask)
+from morphoquant.statistics import ChannelStats, Modality, ModalityStats
+from morphoquant.statistics.dispersion import (
+    Threshold,
+    dispersion_score,
+    global_threshold,
+    modality_outlier_mask,
+    outlier_mask,
+)
 
 
 def test_dispersion_hand_computed():

@@ -362,8 +362,8 @@ def cmd_inspect(args) -> int:
 
     from ..eval.tasks import task_for
     from ..models import get_adapter
-    from ..pipeline.runner import LayerwiseRunner
     from ..pipeline.recipe import load_recipe
+    from ..pipeline.runner import LayerwiseRunner
     from ..statistics import ActivationCollector
 
     model, proc = _load(args.model)
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="output directory (one sub-directory per recipe)")
     q.add_argument("--calib", type=int, default=None, help="number of calibration samples")
     q.add_argument("--seq-len", type=int, default=None, help="calibration/evaluation sequence length")
-    q.add_argument("--eval-size", type=int, default=16, help="evaluation windows / sentences")
+    q.add_argument("--eval-size", type=int, default=8, help="evaluation windows / sentences")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (dotted keys)")
     q.add_argument("--no-eval", action="store_true")
@@ -490,9 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     from ..data import DataError
+    from ..methods import EmptyLayerError
     from ..pipeline.recipe import RecipeError
     from ..pipeline.runner import CalibrationDataError
-    from ..methods import EmptyLayerError
     from ..statistics import NonFiniteActivationError
     from ..zoo.fetch import ZooError
     known = (CLIError, RecipeError, CalibrationDataError, DataError, ZooError, EmptyLayerError,

@@ -61,8 +61,8 @@ class TextLMTask(Task):
 
     def evaluate(self, model, reference=None, progress=False):
         from ..data import evaluation_windows
-        from .perplexity import evaluate_perplexity
         from ..methods.mquant import modality_context
+        from .perplexity import evaluate_perplexity
         w = evaluation_windows(self.processor, self.seq_len, self.eval_size)
         with modality_context(torch.tensor([0])):     # every token is text (modality-specific layers need it)
             res = evaluate_perplexity(model, w, batch_size=self.batch, progress=progress)

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from ..numerics import QuantSpec, quantize_to_float, quantize_weight, range_qparams
-from ..numerics.quantizers import MIN_SCALE
 from ..numerics.integer_gemm import integer_linear
+from ..numerics.quantizers import MIN_SCALE
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class QuantLinear(nn.Module):
                     outlier_idx: torch.Tensor | None = None, dabc: str = "none",
                     outlier_threshold: torch.Tensor | None = None,
                     weight: torch.Tensor | None = None,
-                    weight_quantizer=None) -> "QuantLinear":
+                    weight_quantizer=None) -> QuantLinear:
         """Quantize ``linear``.
 
         ``act_range``: calibrated ``(lo, hi)`` for static quantizers (per channel: ``[C]`` each).

@@ -15,7 +15,7 @@ same fp32 scaling in the same order, so they agree bit for bit: that is what mak
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

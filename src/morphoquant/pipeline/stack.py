@@ -6,8 +6,8 @@ A *sample* is a ``dict`` of model keyword arguments (``input_ids``, ``attention_
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .modality import ALL, PAD, Modality
+from .modality import ALL, Modality
 
 
 class NonFiniteActivationError(FloatingPointError):
@@ -62,7 +62,7 @@ class ChannelStats:
         self.sum_quad += (ones @ x2.square_())[0].double()
         self.count += x.shape[0]
 
-    def add(self, other: "ChannelStats") -> None:
+    def add(self, other: ChannelStats) -> None:
         """In-place merge of ``other`` (rows observed elsewhere) into these accumulators."""
         if other.count == 0:
             return
@@ -71,7 +71,7 @@ class ChannelStats:
         for k in ("sum_first", "sum_abs", "sum_sq", "sum_cube", "sum_quad"):
             getattr(self, k).add_(getattr(other, k))
 
-    def merge(self, other: "ChannelStats") -> "ChannelStats":
+    def merge(self, other: ChannelStats) -> ChannelStats:
         out = ChannelStats(self.channels)
         out.count = self.count + other.count
         out.min, out.max = torch.minimum(self.min, other.min), torch.maximum(self.max, other.max)

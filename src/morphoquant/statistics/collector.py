@@ -1,7 +1,8 @@
 """Forward hooks that feed the inputs of linear layers, with their per-row modality ids, to observers."""
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ class ActivationCollector:
                 obs(name, x2, row_ids)
         return pre_hook
 
-    def __enter__(self) -> "ActivationCollector":
+    def __enter__(self) -> ActivationCollector:
         for name, mod in self.linears.items():
             self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
         return self

@@ -45,7 +45,7 @@ class Threshold:
         return self.mean + self.k * self.std
 
     @classmethod
-    def of(cls, scores: torch.Tensor, k: float) -> "Threshold":
+    def of(cls, scores: torch.Tensor, k: float) -> Threshold:
         s = scores.double()
         return cls(float(s.mean()), float(s.std(unbiased=False)), k)
 
