@@ -43,6 +43,21 @@ def check_calibration_modalities(adapter, samples: list[Sample], wanted: list[st
     return present
 
 
+def check_sequence_lengths(model: nn.Module, samples: list[Sample]) -> None:
+    """Token sequences longer than the model's position limit are an error, not a silent wrap-around."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", cfg)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "max_target_positions", None)
+    if not limit:
+        return
+    for i, s in enumerate(samples):
+        for key in ("input_ids", "decoder_input_ids"):
+            if key in s and s[key].shape[-1] > limit:
+                raise CalibrationDataError(
+                    f"calibration sample {i} has {s[key].shape[-1]} tokens in {key}, more than the model's limit "
+                    f"of {limit}; use a shorter calibration.seq_len (--seq-len)")
+
+
 def quantize(model: nn.Module, recipe: Recipe | str | Path, calib_samples: list[Sample], *,
              log_path: str | Path | None = None, progress: bool = True,
              resume_dir: str | Path | None = None) -> QuantizationReport:
@@ -59,6 +74,7 @@ def quantize(model: nn.Module, recipe: Recipe | str | Path, calib_samples: list[
         raise CalibrationDataError("the calibration set is empty: pass at least one sample")
     adapter = get_adapter(model)
     check_calibration_modalities(adapter, calib_samples, recipe.calibration.modalities)
+    check_sequence_lengths(model, calib_samples)
     model.eval()
     with torch.no_grad():
         runner = LayerwiseRunner(model, adapter.stacks(), recipe, calib_samples, log_path=log_path,

@@ -40,7 +40,12 @@ _DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    """Creation time; ``SOURCE_DATE_EPOCH`` (the reproducible-builds convention) pins it, so that the same
+    inputs give a byte-identical checkpoint."""
+    import os
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    t = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc) if epoch else _dt.datetime.now(_dt.timezone.utc)
+    return t.isoformat(timespec="seconds")
 
 
 def environment_versions() -> dict[str, str]:

@@ -290,7 +290,8 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, recipe=None, ca
             "files": files, "tensors": tensor_entries, "tied": tied, "modules": records,
             "float_params": float_params,
             "recipe": {"yaml": recipe_yaml, "fingerprint": recipe_fp},
-            "calibration": calibration, "extra": extra, "size_report": report.to_dict(),
+            "calibration": calibration, "extra": extra,
+            "size_report": {k: v for k, v in report.to_dict().items() if k != "directory"},
         }
         mpath = tmp / MANIFEST_NAME
         mpath.write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")   # last

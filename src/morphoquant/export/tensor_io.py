@@ -74,11 +74,31 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
         if t.dtype not in DTYPE_TO_ST:
             raise TypeError(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    if metadata and len(metadata) > 1:
+        _sort_metadata_in_place(path, metadata)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sort_metadata_in_place(path: str | Path, metadata: dict[str, str]) -> None:
+    """safetensors writes ``__metadata__`` in hash-map order (it changes from run to run); rewrite that
+    object with sorted keys — same bytes, same length — so identical inputs give identical files."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n).decode("utf-8")
+        start = header.index('"__metadata__":{') + len('"__metadata__":')
+        end = header.index("}", start) + 1
+        try:
+            fixed = json.dumps(dict(sorted(json.loads(header[start:end]).items())), separators=(",", ":"))
+        except ValueError:                  # a "}" inside a value: keep the file as written
+            return
+        if len(fixed) != end - start:       # unexpected formatting: leave the file as written
+            return
+        f.seek(8 + start)
+        f.write(fixed.encode("utf-8"))
 
 
 def _parse_header(buf, size: int, where: str) -> tuple[dict, dict, int]:
