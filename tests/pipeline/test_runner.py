@@ -143,3 +143,16 @@ def test_omni_thinker_towers_off_by_default_and_opt_in():
     assert {"text", "image", "audio"} <= set(text_rec.rel_error)
     vis = [r for r in rep.records if r.stack == "vision"][0]
     assert "W8-channel" in next(iter(vis.linears.values()))["module"]
+
+
+def test_group_size_not_dividing_width_is_an_error(llama):
+    from morphoquant.pipeline.recipe import RecipeError
+    model, factory = llama
+    width = model.config.hidden_size
+    with pytest.raises(RecipeError, match="does not divide"):
+        quantize(copy.deepcopy(model), load_recipe("rtn-w4a4", {"weights": {"group_size": width - 1}}), [factory()],
+                 progress=False)
+    rep = quantize(copy.deepcopy(model), load_recipe("rtn-w4a4", {"weights": {"group_size": width - 1,
+                                                                              "allow_partial_groups": True}}),
+                   [factory()], progress=False)
+    assert rep.records

@@ -293,8 +293,24 @@ class LayerwiseRunner:
             store.close()
         return out
 
+    def _check_groups(self, stack: BlockStack, weight_spec) -> None:
+        """A weight group size that does not divide a layer's input width is an error unless allowed."""
+        s = self.recipe.stacks.get(stack.name)
+        wargs = (s.weights if s is not None and s.weights is not None else None) or self.recipe.weights
+        if weight_spec.granularity != "group" or wargs.allow_partial_groups:
+            return
+        bad = sorted({lin.in_features for lin in stack.linears(stack.blocks[0]).values()
+                      if lin.in_features % weight_spec.group_size})
+        if bad:
+            from .recipe import RecipeError
+            raise RecipeError(
+                f"weights.group_size {weight_spec.group_size} does not divide the input width(s) {bad} of stack "
+                f"{stack.name!r}; choose a group size that divides them (e.g. 64 or 32) or set "
+                "weights.allow_partial_groups: true")
+
     def _run_stack(self, stack: BlockStack, state: dict, log_file) -> None:
         weight_spec, act = self.recipe.stack_formats(stack.name)
+        self._check_groups(stack, weight_spec)
         done = {b for s, b in self.resume.done if s == stack.name} if self.resume is not None else set()
         for bi in sorted(done):        # blocks finished before an interruption: restore, don't recompute
             for name, mod in self.resume.block_modules(stack.name, bi).items():
