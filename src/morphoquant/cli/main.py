@@ -188,8 +188,10 @@ SANITY_TOLERANCE = 0.05
 
 
 def _sanity_recipes(recipes, overrides) -> list:
-    """One W8A8 variant per method in the list: a method that collapses at W8A8 has a bug."""
-    from ..pipeline.recipe import load_recipe
+    """One W8A8 variant per method in the list: a method that collapses at W8A8 has a bug.
+
+    ``overrides`` were already applied to ``recipes``; the variants inherit them."""
+    from ..pipeline.recipe import parse_recipe
     out, seen = [], set()
     for r in recipes:
         if r.method in seen or r.name.endswith(SANITY_SUFFIX):
@@ -200,9 +202,7 @@ def _sanity_recipes(recipes, overrides) -> list:
         data["weights"] = {**data["weights"], "bits": 8, "granularity": "channel", "group_size": None,
                            "format": "int"}
         data["activations"] = {**data["activations"], "bits": 8}
-        from ..pipeline.recipe import parse_recipe
         out.append(parse_recipe(data, f"{r.name} (W8A8 sanity variant)"))
-    del load_recipe, overrides
     return out
 
 
