@@ -131,6 +131,21 @@ def audio_tower_ids(sample: Sample, hidden_shape, stack: str = "audio") -> torch
     return tower_ids(hidden_shape, Modality.AUDIO, expected, stack)
 
 
+def vision_tower_stack(vblocks, fwd) -> AdapterStack:
+    """The Qwen2.5 vision tower as a stack (shared by the Omni thinker and Qwen2.5-VL adapters): off by default,
+    image (or video) rows flattened over the whole call."""
+    return AdapterStack(
+        name="vision", blocks=list(vblocks), forward=fwd,
+        modality_ids=lambda s, h: vision_tower_ids(s, h, "vision"),
+        default_enabled=False,
+        sequential_groups=resolve_groups(vblocks[0], VISION_GROUPS, stack_name="vision"),
+        modality=Modality.IMAGE,
+        row_layout="[L, H]: patches of all images (or all videos) of one call, flattened and "
+                   "window-permuted; images call first, then videos; no padding",
+        uses_sample=has_visual_inputs,
+    )
+
+
 class QwenOmniThinkerAdapter(ModelAdapter):
     """``Qwen2_5OmniThinkerForConditionalGeneration``: ``vision``, ``audio`` (towers, off by default),
     ``text``."""
@@ -178,16 +193,7 @@ class QwenOmniThinkerAdapter(ModelAdapter):
         _, ablocks = block_list(self.audio_tower, ("layers",))
         _, tblocks = block_list(self.text_model, ("layers",))
         return [
-            AdapterStack(
-                name="vision", blocks=list(vblocks), forward=fwd,
-                modality_ids=lambda s, h: vision_tower_ids(s, h, "vision"),
-                default_enabled=False,
-                sequential_groups=resolve_groups(vblocks[0], VISION_GROUPS, stack_name="vision"),
-                modality=Modality.IMAGE,
-                row_layout="[L, H]: patches of all images (or all videos) of one call, flattened and "
-                           "window-permuted; images call first, then videos; no padding",
-                uses_sample=has_visual_inputs,
-            ),
+            vision_tower_stack(vblocks, fwd),
             AdapterStack(
                 name="audio", blocks=list(ablocks), forward=fwd,
                 modality_ids=lambda s, h: audio_tower_ids(s, h, "audio"),

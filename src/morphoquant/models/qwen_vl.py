@@ -17,7 +17,7 @@ from morphoquant.models.base import (
     resolve_groups,
 )
 from morphoquant.models.causal_lm import DECODER_GROUPS, decoder_token_ids
-from morphoquant.models.qwen_omni import VISION_GROUPS, config_token_id, has_visual_inputs, vision_tower_ids
+from morphoquant.models.qwen_omni import config_token_id, vision_tower_stack
 from morphoquant.pipeline.stack import BlockStack, Sample
 from morphoquant.statistics.modality import Modality
 
@@ -47,16 +47,7 @@ class QwenVLAdapter(ModelAdapter):
         _, vblocks = block_list(self.visual, ("blocks", "layers"))
         _, tblocks = block_list(self.text_model, ("layers",))
         return [
-            AdapterStack(
-                name="vision", blocks=list(vblocks), forward=fwd,
-                modality_ids=lambda s, h: vision_tower_ids(s, h, "vision"),
-                default_enabled=False,
-                sequential_groups=resolve_groups(vblocks[0], VISION_GROUPS, stack_name="vision"),
-                modality=Modality.IMAGE,
-                row_layout="[L, H]: patches of all images (or all videos) of one call, flattened and "
-                           "window-permuted; images call first, then videos; no padding",
-                uses_sample=has_visual_inputs,
-            ),
+            vision_tower_stack(vblocks, fwd),
             AdapterStack(
                 name="text", blocks=list(tblocks), forward=fwd,
                 modality_ids=lambda s, h: decoder_token_ids(s, self.token_modality, h, "text"),
