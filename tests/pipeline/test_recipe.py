@@ -43,3 +43,8 @@ def test_invalid_yaml(tmp_path):
     p.write_text("method: [unclosed")
     with pytest.raises(RecipeError, match="YAML"):
         load_recipe(p)
+
+
+def test_non_string_keys_are_a_recipe_error():
+    with pytest.raises(RecipeError, match="keys must be names"):
+        parse_recipe({1: "x"})

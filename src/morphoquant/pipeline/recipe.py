@@ -164,6 +164,9 @@ def builtin_recipes() -> dict[str, Path]:
 def parse_recipe(data: dict, source: str = "<dict>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise RecipeError(f"{source}: recipe keys must be names, got {bad_keys!r}")
     try:
         return Recipe(**data)
     except ValidationError as e:
