@@ -177,6 +177,9 @@ def task_for(model: nn.Module, processor, **kw) -> Task:
         return SpeechASRTask(processor, **{k: v for k, v in kw.items() if k in ("eval_sentences",)})
     if name.startswith("Dinov2"):
         return VisionTask(processor)
+    if name.startswith("OmniMini"):
+        from .omnimini import OmniMiniTask
+        return OmniMiniTask(processor)
     raise TaskError(f"no built-in calibration/evaluation task for {name}; built-in tasks cover causal LMs "
-                    "(wiki perplexity), Whisper (word error rate) and DINOv2 (feature fidelity). Use the Python "
-                    "API with your own calibration samples for other models.")
+                    "(wiki perplexity), Whisper (word error rate), DINOv2 (feature fidelity) and OmniMini. Use "
+                    "the Python API with your own calibration samples for other models.")

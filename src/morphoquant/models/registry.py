@@ -4,13 +4,15 @@ from __future__ import annotations
 from morphoquant.models.base import ModelAdapter, UnsupportedModelError
 from morphoquant.models.causal_lm import CausalLMAdapter
 from morphoquant.models.dinov2 import Dinov2Adapter
+from morphoquant.models.omnimini import OmniMiniAdapter
 from morphoquant.models.qwen_omni import QwenOmniAdapter, QwenOmniThinkerAdapter
 from morphoquant.models.qwen_vl import QwenVLAdapter
 from morphoquant.models.whisper import WhisperAdapter
 
 #: Adapters tried in order; specific ones first, the generic causal-LM adapter last.
 ADAPTERS: list[type[ModelAdapter]] = [
-    QwenOmniAdapter, QwenOmniThinkerAdapter, QwenVLAdapter, WhisperAdapter, Dinov2Adapter, CausalLMAdapter,
+    OmniMiniAdapter, QwenOmniAdapter, QwenOmniThinkerAdapter, QwenVLAdapter, WhisperAdapter, Dinov2Adapter,
+    CausalLMAdapter,
 ]
 
 

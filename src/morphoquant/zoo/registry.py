@@ -268,10 +268,13 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
       is loaded without its talker and the thinker returned), Qwen2.5-VL →
       ``Qwen2_5_VLForConditionalGeneration``; both with ``AutoProcessor`` or, where that cannot be
       built, :class:`Processors`;
-    - anything else → ``AutoModel`` + ``AutoProcessor`` / ``AutoTokenizer``.
+    - anything else → ``AutoModel`` + ``AutoProcessor`` / ``AutoTokenizer``;
+    - ``"omnimini"`` → OmniMini assembled from the zoo parts + packaged projectors (:func:`omnimini_parts`).
     """
     import transformers as tf
 
+    if os.fspath(name_or_path).lower() == OMNIMINI:
+        return omnimini_parts()
     ref = resolve_model(name_or_path)
     cfg = _read_config(ref)
     archs = set(cfg.get("architectures") or [])
@@ -303,6 +306,28 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
             lambda: tf.AutoProcessor.from_pretrained(ref), lambda: tf.AutoTokenizer.from_pretrained(ref)
         )
     return model.eval(), proc
+
+
+OMNIMINI = "omnimini"
+
+
+def omnimini_parts(projectors: str | os.PathLike | None | bool = True) -> tuple[Any, Any]:
+    """OmniMini (``morphoquant.models.omnimini``): the zoo's SmolLM2-135M, DINOv2-S and Whisper tiny.en
+    encoder, frozen, with the packaged trained projectors (``projectors=True``), a given projector file, or
+    freshly initialised ones (``None``). Returns ``(model, OmniMiniProcessor)``."""
+    from ..models.omnimini import (
+        ASSET_DIR,
+        PROJECTOR_FILE,
+        OmniMiniForConditionalGeneration,
+        OmniMiniProcessor,
+    )
+
+    lm, tok = load_model("smollm2-135m")
+    vision, _ = load_model("dinov2-s")
+    whisper, wproc = load_model("whisper-tiny.en")
+    path = ASSET_DIR / PROJECTOR_FILE if projectors is True else projectors
+    model = OmniMiniForConditionalGeneration.from_parts(lm, vision, whisper.model.encoder, path)
+    return model.eval(), OmniMiniProcessor(tok, model.omni_config, wproc.feature_extractor)
 
 
 def list_models() -> list[dict]:

@@ -1,0 +1,176 @@
+"""OmniMini tasks: image QA, spoken question + image QA, transcription and text perplexity.
+
+* ``vqa_acc`` — easy-VQA **test** questions about the image: the answer is chosen by *scoring* the 13
+  candidate answers (sum of the log-probabilities of the candidate's tokens after ``Answer:``; every candidate
+  has a distinct first token), not by free decoding, so a model that prefers a paraphrase is not penalised.
+* ``spoken_vqa_acc`` — the same with the question spoken (espeak-ng, evaluation voices/speeds) instead of
+  written: image, audio and text tokens in one sequence; candidates scored the same way.
+* ``asr_wer`` — greedy transcription (stops at a newline, the end token, or ``3 x words + 8`` tokens) of
+  held-out Wikipedia **evaluation**-split sentences; corpus WER via :func:`morphoquant.eval.wer.word_error_rate`.
+* ``wiki_ppl`` — perplexity of the decoder on non-overlapping windows of the Wikipedia evaluation split (text
+  only: equals SmolLM2-135M's own, since the decoder is unchanged).
+
+``omni_acc = mean(vqa_acc, spoken_vqa_acc, max(0, 1 - asr_wer))`` is the headline (higher is better).
+
+Calibration (:meth:`OmniMiniTask.calibration_samples`) cycles through ``calib_kinds``: image QA and spoken QA
+documents on easy-VQA *train* images never used in training, transcriptions of Wikipedia calibration-split
+sentences, and text windows of the calibration split; all disjoint from every evaluation item. Drop a kind
+(``calib_kinds``) for the calibration-modality ablation.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from ..pipeline.stack import Sample
+from .tasks import Task
+
+CALIB_KINDS = ("image_qa", "spoken_qa", "asr", "text")
+DEFAULT_SIZES = {"image_qa": 64, "spoken_qa": 48, "asr": 24, "wiki_windows": 4}
+
+
+class OmniMiniTask(Task):
+    """The four OmniMini tasks (see module docstring)."""
+
+    def __init__(self, processor, sizes: dict | None = None, seq_len: int = 256,
+                 calib_kinds: tuple[str, ...] = CALIB_KINDS, seed: int = 0):
+        self.sizes = {**DEFAULT_SIZES, **(sizes or {})}
+        unknown = set(self.sizes) - set(DEFAULT_SIZES)
+        if unknown:
+            raise ValueError(f"unknown OmniMini task sizes {sorted(unknown)}; use {sorted(DEFAULT_SIZES)}")
+        bad = [k for k in calib_kinds if k not in CALIB_KINDS]
+        if bad or not calib_kinds:
+            raise ValueError(f"calibration kinds {list(calib_kinds)} are not a non-empty subset of {CALIB_KINDS}")
+        super().__init__("omnimini", processor, self.sizes["image_qa"], seq_len, "omni_acc", False)
+        self.calib_kinds = tuple(calib_kinds)
+        self.seed = seed
+
+    def describe(self) -> dict:
+        return {**super().describe(), "sizes": self.sizes, "calib_kinds": list(self.calib_kinds),
+                "answer_selection": "scoring of the 13 candidate answers (sum of token log-probs)"}
+
+    # -- samples -----------------------------------------------------------------------------------
+    def sample_of(self, example, with_target: bool = True) -> Sample:
+        """Model inputs for one :class:`~morphoquant.data.omnimini.OmniExample` (whole document, or prompt)."""
+        from PIL import Image
+        text = "".join(t for t, _ in example.segments) if with_target else example.prompt
+        n_aud = text.count(self.processor.AUDIO)
+        n_img = text.count(self.processor.IMAGE)
+        return self.processor(text, images=[Image.open(p) for p in example.images[:n_img]],
+                              audios=[s.waveform() for s in example.speech[:n_aud]])
+
+    def calibration_samples(self, n, seq_len=None, seed=0):
+        """``n`` samples cycling through ``calib_kinds`` (one document or one text window each)."""
+        from ..data import calibration_windows
+        from ..data.omnimini import calibration_examples
+        seq_len = seq_len or self.seq_len
+        kinds = [self.calib_kinds[i % len(self.calib_kinds)] for i in range(n)]
+        doc_kinds = tuple(k for k in self.calib_kinds if k != "text")
+        n_docs = sum(k != "text" for k in kinds)
+        docs = iter(calibration_examples(n_docs, seed, doc_kinds) if n_docs else [])
+        n_text = kinds.count("text")
+        windows = calibration_windows(self.processor.tokenizer, n_text, seq_len, seed) if n_text else None
+        out, w = [], 0
+        for k in kinds:
+            if k == "text":
+                ids = windows[w:w + 1]
+                w += 1
+                out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+            else:
+                out.append(self.sample_of(next(docs)))
+        return out
+
+    def _items(self, kind: str) -> list:
+        if kind not in self._cache:
+            from ..data.omnimini import evaluation_examples
+            exs = evaluation_examples(kind, self.sizes[kind], self.seed)
+            self._cache[kind] = [(e, self.sample_of(e, with_target=False)) for e in exs]
+        return self._cache[kind]
+
+    # -- scoring -----------------------------------------------------------------------------------
+    def _candidates(self) -> list[tuple[str, list[int]]]:
+        if "candidates" not in self._cache:
+            from ..data import answer_vocab
+            tok = self.processor.tokenizer
+            self._cache["candidates"] = [(a, tok(" " + a, add_special_tokens=False).input_ids)
+                                         for a in answer_vocab()]
+        return self._cache["candidates"]
+
+    @torch.no_grad()
+    def choose_answer(self, model: nn.Module, sample: Sample) -> str:
+        """The candidate answer with the highest total log-probability after the prompt."""
+        out = model(**sample, use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1].float(), -1)
+        best, best_score = None, -float("inf")
+        for answer, ids in self._candidates():
+            score = float(first[ids[0]])
+            if len(ids) > 1:
+                past = copy.deepcopy(out.cache)
+                n = sample["input_ids"].shape[1]
+                cont = torch.tensor([ids[:-1]])
+                mask = torch.ones(1, n + len(ids) - 1, dtype=torch.long)
+                more = model(input_ids=cont, attention_mask=mask, cache=past, use_cache=True)
+                lp = torch.log_softmax(more.logits[0].float(), -1)
+                score += float(sum(lp[j, ids[j + 1]] for j in range(len(ids) - 1)))
+            if score > best_score:
+                best, best_score = answer, score
+        return best
+
+    @torch.no_grad()
+    def transcribe(self, model: nn.Module, sample: Sample, max_new_tokens: int = 64) -> str:
+        """Greedy decoding until a newline / end token / ``max_new_tokens``."""
+        tok = self.processor.tokenizer
+        stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")}
+        out = model(**sample, use_cache=True)
+        n = sample["input_ids"].shape[1]
+        ids: list[int] = []
+        while len(ids) < max_new_tokens:
+            nxt = int(out.logits[0, -1].argmax())
+            if nxt in stop or "\n" in tok.decode([nxt]):
+                break
+            ids.append(nxt)
+            out = model(input_ids=torch.tensor([[nxt]]), attention_mask=torch.ones(1, n + len(ids), dtype=torch.long),
+                        cache=out.cache, use_cache=True)
+        return tok.decode(ids, skip_special_tokens=True).strip()
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def evaluate_kind(self, model: nn.Module, kind: str) -> dict:
+        t = time.time()
+        if kind in ("image_qa", "spoken_qa"):
+            preds = [(e.answer, self.choose_answer(model, s)) for e, s in self._items(kind)]
+            acc = sum(a == p for a, p in preds) / len(preds)
+            key = "vqa_acc" if kind == "image_qa" else "spoken_vqa_acc"
+            return {key: acc, f"{key}_n": len(preds), f"{key}_seconds": time.time() - t}
+        if kind == "asr":
+            from .wer import word_error_rate
+            refs, hyps = [], []
+            for e, s in self._items(kind):
+                refs.append(e.answer)
+                hyps.append(self.transcribe(model, s, 3 * len(e.answer.split()) + 8))
+            return {"asr_wer": word_error_rate(refs, hyps), "asr_n": len(refs),
+                    "asr_examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]],
+                    "asr_seconds": time.time() - t}
+        if kind == "wiki":
+            from ..data import evaluation_windows
+            from .perplexity import evaluate_perplexity
+            w = evaluation_windows(self.processor.tokenizer, self.seq_len, self.sizes["wiki_windows"])
+            res = evaluate_perplexity(model, w, batch_size=1)
+            return {"wiki_ppl": res.ppl, "wiki_tokens": res.tokens, "wiki_seconds": time.time() - t}
+        raise ValueError(f"unknown OmniMini task {kind!r}")
+
+    def evaluate(self, model, reference=None, progress=False):
+        out: dict = {}
+        for kind in ("image_qa", "spoken_qa", "asr", "wiki"):
+            if kind == "wiki" and not self.sizes["wiki_windows"]:
+                continue
+            if kind != "wiki" and not self.sizes[kind]:
+                continue
+            out.update(self.evaluate_kind(model, kind))
+        parts = [out.get("vqa_acc"), out.get("spoken_vqa_acc"),
+                 None if "asr_wer" not in out else max(0.0, 1.0 - out["asr_wer"])]
+        parts = [p for p in parts if p is not None]
+        out["omni_acc"] = sum(parts) / len(parts) if parts else None
+        return out
