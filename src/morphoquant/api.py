@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .layers.quant_linear import has_modality_quantizers
 from .models import get_adapter
 from .pipeline.recipe import Recipe, load_recipe
 from .pipeline.runner import CalibrationDataError, LayerwiseRunner, QuantizationReport
@@ -79,4 +80,8 @@ def quantize(model: nn.Module, recipe: Recipe | str | Path, calib_samples: list[
     with torch.no_grad():
         runner = LayerwiseRunner(model, adapter.stacks(), recipe, calib_samples, log_path=log_path,
                                  progress=progress, resume_dir=resume_dir)
-        return runner.run()
+        report = runner.run()
+    if has_modality_quantizers(model):
+        adapter.attach_modality_context()
+    return report
+

@@ -134,3 +134,39 @@ def test_dense_budget_caps_outlier_share_and_reports_bits():
         for info in rec.linears.values():
             assert info["outlier_fraction"] <= 0.02 + 1e-9
             assert info["effective_bits"] == pytest.approx(4 + 16 * info["outlier_fraction"])
+
+
+def test_modality_ranges_fit_each_modality_and_run_without_explicit_context():
+    """Per-modality ranges (extension 4b): on the tiny Omni thinker every mixed layer gets multipliers, a plain
+    forward of the quantized model works (the adapter supplies the ids) and equals an explicit context."""
+    from morphoquant.models import get_adapter
+    from morphoquant.statistics import modality_context
+    model, factory = tiny_model("qwen2.5-omni-thinker")
+    samples = [factory(seed=0), factory(seed=1, video=True)]
+    q = copy.deepcopy(model)
+    rep = quantize(q, load_recipe("morpho-modal", {"weights": {"group_size": 16},
+                                                   "options": {"modality_range_min_rows": 4}}),
+                   samples, progress=False)
+    info = rep.records[0].linears["self_attn.q_proj"]
+    assert {"text", "image", "audio"} <= set(info["modality_range_scale"])
+    from morphoquant.layers import QuantLinear
+    layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.modality_scale.numel() == len(Modality) + 1 for m in layers)
+    s = factory(seed=3)
+    with torch.no_grad():
+        plain = q(**s).logits
+        with modality_context(get_adapter(q).decoder_modality_ids(s)):
+            explicit = q(**s).logits
+    assert torch.equal(plain, explicit)
+
+
+def test_modality_scale_search_picks_wider_range_for_wider_modality():
+    from morphoquant.methods.morpho import search_modality_scales
+    x, ids = _hetero(n_text=400, n_audio=400, c=8)
+    lo, hi = x[ids == 0].amin(0), x[ids == 0].amax(0)          # ranges fitted to text
+    none = torch.zeros(8, dtype=torch.bool)
+    t, info = search_modality_scales(x, ids, lo, hi, none, MorphoOptions(lambda_cos=0.0), SPEC, False)
+    assert t[int(Modality.AUDIO)] > 1.5 and 0.5 < t[int(Modality.TEXT)] <= 1.2
+    assert t[-1] == 1.0
+    one, _ = search_modality_scales(x[ids == 0], ids[ids == 0], lo, hi, none, MorphoOptions(), SPEC, False)
+    assert one is None

@@ -42,7 +42,7 @@ def test_w8a8_is_close_and_every_linear_is_quantized(llama, tmp_path):
         assert _rel(q(**x).logits, model(**x).logits) < 0.03
     lines = [json.loads(line) for line in (tmp_path / "layers.jsonl").read_text().splitlines()]
     assert len(lines) == len(model.model.layers) and "all" in lines[0]["rel_error"]
-    assert rep.records[0].rel_error["all"] < 1e-3
+    assert rep.records[0].rel_error["all"] < 0.02      # W8A8: mean per-token relative error ~0.6 %
 
 
 def test_padding_tokens_are_excluded_from_statistics(llama):

@@ -22,6 +22,7 @@ tensor                                 dtype    meaning
 ``m.morphoquant.act_clip``             float32  ``[K]`` per-channel clip before per-token scaling (when finite)
 ``m.morphoquant.outlier_idx``          int64    ``[k]`` DABC outlier channels (when k > 0)
 ``m.morphoquant.outlier_threshold``    float32  ``[k]`` sparse-DABC thresholds
+``m.morphoquant.modality_scale``       float32  ``[M+1]`` per-modality range multipliers (row modality from context)
 =====================================  =======  ================================================================
 
 Signed convention: compressed-tensors stores every integer code and zero point in the signed range
@@ -41,6 +42,7 @@ import torch
 
 from ..layers import ActivationConfig, QuantLinear
 from ..numerics import QuantSpec, pack_int4, unpack_int4
+from ..statistics.modality import Modality
 from .errors import ConfigMismatchError, MissingTensorError
 
 __all__ = ["EXT", "LAYOUT_CODEBOOK", "LAYOUT_INT", "LAYOUT_PACK", "build_quantization_config",
@@ -92,6 +94,8 @@ def nonstandard_reasons(q: QuantLinear) -> list[str]:
             out.append("dynamic per-tensor activations")
     if bool(torch.isfinite(q.act_clip).any()):
         out.append("a per-channel activation clip")
+    if q.modality_scale.numel():
+        out.append("per-modality activation ranges")
     if q.dabc != "none" and q.outlier_idx.numel():
         out.append(f"DABC ({q.dabc}, {q.outlier_idx.numel()} outlier channels)")
     return out
@@ -204,6 +208,8 @@ def encode_module(name: str, q: QuantLinear) -> dict[str, torch.Tensor]:
                 out[p + "input_zero_point"] = (q.act_zero.detach().reshape(1) - a_off).to(torch.int8)
     if bool(torch.isfinite(q.act_clip).any()):
         out[x + "act_clip"] = q.act_clip.detach().float().reshape(k).contiguous()
+    if q.modality_scale.numel():
+        out[x + "modality_scale"] = q.modality_scale.detach().float().contiguous()
     if q.dabc != "none" and q.outlier_idx.numel():
         out[x + "outlier_idx"] = q.outlier_idx.detach().to(torch.int64).contiguous()
         if q.dabc == "sparse":
@@ -310,6 +316,10 @@ def decode_module(name: str, rec: dict, take: Callable[[str], torch.Tensor | Non
     if clip is not None:
         shape_check(x + "act_clip", clip, [k], torch.float32)
         q.act_clip = clip.clone()
+    ms = take(x + "modality_scale")
+    if ms is not None:
+        shape_check(x + "modality_scale", ms, [len(Modality) + 1], torch.float32)
+        q.set_modality_scale(ms)
     n_out = int(rec.get("outliers", 0))
     if q.dabc != "none" and n_out:
         idx = need(x + "outlier_idx")

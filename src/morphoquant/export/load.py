@@ -252,5 +252,15 @@ def load_quantized(directory: str | os.PathLike, *, model: nn.Module | None = No
             raise CorruptCheckpointError(f"{gen_path}: {e}") from None
     model.eval()
     model.morphoquant_manifest = m
+    _attach_modality_context(model)
     del sd, current                   # release the file buffers before the runtime packs its own copies
     return model
+
+
+def _attach_modality_context(model: nn.Module) -> None:
+    """Per-modality quantizers need the token modalities: let the model's adapter supply them on every forward."""
+    from ..layers.quant_linear import has_modality_quantizers
+    if not has_modality_quantizers(model):
+        return
+    from ..models import get_adapter
+    get_adapter(model).attach_modality_context()

@@ -22,6 +22,12 @@ quantization residual ``r = x/s − (x_q − z)`` (in the units of the folded we
 for per-token) is multiplied by the *same* quantized weight columns in 16/32-bit: a thin side product over
 ``K = |idx|`` channels. ``dense`` (the paper) keeps the residual of every element of those channels;
 ``sparse`` (the authors' code) only of elements with ``|x| > threshold_c``.
+
+**Per-modality ranges** (optional ``modality_scale`` ``t ∈ R^{M+1}``, one entry per modality then the pooled
+fallback): a token row of modality ``m`` uses the range ``t_m`` times the layer's range — static per-channel
+``x_q = clamp(round(x / (t_m s)) + z)`` with ``y = t_m · W'_q (x_q − z) + b`` (a per-row scale in the GEMM epilogue,
+like a per-token scale, so one folded weight still serves every modality); dynamic per-token: the clip becomes
+``±t_m α_c``. The row modalities come from :func:`morphoquant.statistics.modality_context`.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from torch import nn
 from ..numerics import QuantSpec, quantize_to_float, quantize_weight, range_qparams
 from ..numerics.integer_gemm import integer_linear
 from ..numerics.quantizers import MIN_SCALE
+from ..statistics.modality import Modality, row_modality_index
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_clip", torch.full((in_features,), float("inf")))
         self.register_buffer("outlier_idx", torch.zeros(0, dtype=torch.long))
         self.register_buffer("outlier_threshold", torch.zeros(0))
+        self.register_buffer("modality_scale", torch.zeros(0))
         self._w_deq: torch.Tensor | None = None
         # running counters of the 16-bit path (for the effective-bits report)
         self.bypass_elements = 0
@@ -96,7 +104,8 @@ class QuantLinear(nn.Module):
                     outlier_idx: torch.Tensor | None = None, dabc: str = "none",
                     outlier_threshold: torch.Tensor | None = None,
                     weight: torch.Tensor | None = None,
-                    weight_quantizer=None) -> QuantLinear:
+                    weight_quantizer=None,
+                    modality_scale: torch.Tensor | None = None) -> QuantLinear:
         """Quantize ``linear``.
 
         ``act_range``: calibrated ``(lo, hi)`` for static quantizers (per channel: ``[C]`` each).
@@ -104,6 +113,7 @@ class QuantLinear(nn.Module):
         ``weight_quantizer``: ``(W'[O,C], fold_scale[C] | None) -> QuantizedTensor`` replacing RTN (GPTQ plugs
         in here); it receives the *folded* weight ``W' = W·diag(s)`` and ``s`` when activation scales are per
         channel (so a Hessian of ``x`` becomes ``diag(1/s) H diag(1/s)``), else ``W`` and ``None``.
+        ``modality_scale``: per-modality range multipliers ``[M+1]`` (module docstring).
         """
         w = (linear.weight if weight is None else weight).detach().float()
         q = cls(linear.in_features, linear.out_features, weight_spec, act, linear.bias is not None, dabc)
@@ -128,6 +138,8 @@ class QuantLinear(nn.Module):
                 if outlier_threshold is None:
                     raise ValueError("sparse DABC needs a per-outlier-channel threshold")
                 q.outlier_threshold = outlier_threshold.detach().float().reshape(-1).clone()
+        if modality_scale is not None:
+            q.set_modality_scale(modality_scale)
         fold = q.act_scale if (act is not None and act.folded) else None
         if weight_quantizer is None:
             qt = quantize_weight(w, weight_spec)
@@ -135,6 +147,35 @@ class QuantLinear(nn.Module):
             qt = weight_quantizer(w, fold)
         q.weight_codes, q.weight_scale, q.weight_zero = qt.codes, qt.scale.float(), qt.zero_point.float()
         return q
+
+    def set_modality_scale(self, t: torch.Tensor) -> None:
+        """Install per-modality range multipliers ``t[M+1]`` (positive; last entry = pooled fallback)."""
+        t = t.detach().float().reshape(-1)
+        if t.numel() != len(Modality) + 1:
+            raise ValueError(f"modality_scale needs {len(Modality) + 1} entries (one per modality + pooled), "
+                             f"got {t.numel()}")
+        if not bool((t > 0).all()) or not bool(torch.isfinite(t).all()):
+            raise ValueError("modality_scale entries must be finite and positive")
+        act = self.act
+        if act is None or not (act.folded or act.dynamic):
+            raise ValueError("per-modality ranges need static per-channel or dynamic per-token activations "
+                             "(static per-tensor per-modality scales are the mquant method)")
+        if act.dynamic and not bool(torch.isfinite(self.act_clip).all()):
+            raise ValueError("per-modality ranges with dynamic activations scale the per-channel clip: set a "
+                             "finite act_clip first")
+        self.modality_scale = t.clone()
+
+    @property
+    def modality_dependent(self) -> bool:
+        """True when the quantizer depends on the row's modality (needs ``modality_context`` at run time)."""
+        return self.modality_scale.numel() > 0
+
+    def row_modality_scale(self, n_rows: int) -> torch.Tensor | None:
+        """``[N, 1]`` multiplier of each row's range, or None without per-modality ranges."""
+        if self.modality_scale.numel() == 0:
+            return None
+        idx = row_modality_index(n_rows, len(Modality)).to(self.modality_scale.device)
+        return self.modality_scale[idx].reshape(-1, 1)
 
     # ------------------------------------------------------------------ views
     @property
@@ -172,9 +213,11 @@ class QuantLinear(nn.Module):
         act = self.act
         spec = act.spec
         idx = self.outlier_idx
+        t = self.row_modality_scale(x.shape[0])
         if act.dynamic:
             clipped = bool(torch.isfinite(self.act_clip).any())
-            xc = torch.maximum(torch.minimum(x, self.act_clip), -self.act_clip) if clipped else x
+            clip = self.act_clip if t is None else self.act_clip * t
+            xc = torch.maximum(torch.minimum(x, clip), -clip) if clipped else x
             if spec.symmetric:     # same parameters as range_qparams, without the min/max pair
                 s = (xc.abs().amax(-1, keepdim=True) / spec.qmax).clamp_(min=MIN_SCALE)
                 z = torch.zeros(())
@@ -185,10 +228,12 @@ class QuantLinear(nn.Module):
             return x_q, (z if not spec.symmetric else None), s, resid
         s, z = self.act_scale, self.act_zero
         if act.folded:
-            u = x / s
+            u = x / s if t is None else x / (s * t)
             x_q = torch.clamp(torch.round(u) + z, spec.qmin, spec.qmax)
             resid = (u[:, idx] - (x_q[:, idx] - z[idx])) if need_resid else None    # in folded units
-            return x_q, (z if not spec.symmetric else None), None, resid
+            if t is not None and resid is not None:
+                resid = resid * t          # the row scale t_m applies to the whole row's product
+            return x_q, (z if not spec.symmetric else None), t, resid
         x_q = quantize_to_float(x, s, z, spec)
         resid = (x[:, idx] - s * (x_q[:, idx] - z)) if need_resid else None
         return x_q, (z if not spec.symmetric else None), s, resid
@@ -255,3 +300,8 @@ class QuantLinear(nn.Module):
             w += f"-{self.weight_spec.fmt}"
         d = f", dabc={self.dabc}[{self.outlier_idx.numel()}]" if self.dabc != "none" else ""
         return f"in={self.in_features}, out={self.out_features}, {w}, {a}{d}"
+
+
+def has_modality_quantizers(model: nn.Module) -> bool:
+    """True when some layer of ``model`` quantizes activations per token modality."""
+    return any(getattr(m, "modality_dependent", False) for m in model.modules())

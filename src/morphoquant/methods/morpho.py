@@ -29,6 +29,7 @@ step of its group. With dynamic per-token activations, ``α_c`` is a clip applie
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -37,7 +38,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..layers import QuantLinear
-from ..numerics import QuantSpec, range_qparams
+from ..numerics import QuantSpec, quantize_weight, range_qparams
 from ..statistics import Modality, ModalityStats
 from ..statistics.dispersion import Threshold, global_threshold, modality_outlier_mask
 from .base import BlockContext, Method, MethodOptions, register
@@ -75,8 +76,18 @@ class MorphoOptions(MethodOptions):
     search_batch_rows: int = Field(512, ge=1)
     # --- modality awareness
     modality_weighting: Literal["pooled", "balanced"] | dict[str, float] = "pooled"
-    outlier_scale: Literal["median", "own"] = "median"
-    """Scale given to dense-DABC outlier channels before folding (median of compliant channels, or their own)."""
+    outlier_scale: Literal["search", "median", "own"] = "search"
+    """Scale given to dense-DABC outlier channels before folding: ``search`` minimises the weight error those
+    channels cause (see :func:`search_outlier_scales`), ``median`` = median of the compliant channels, ``own`` =
+    their calibrated range."""
+    outlier_scale_points: int = Field(33, ge=2)
+    modality_ranges: bool = False
+    """Our extension 4b: a separate activation range per modality for the same layer, ``t_m`` times the layer's
+    range (see :func:`search_modality_scales`); deployable as a per-row scale of the GEMM epilogue."""
+    modality_range_low: float = Field(0.25, gt=0)
+    modality_range_high: float = Field(4.0, gt=0)
+    modality_range_points: int = Field(25, ge=2)
+    modality_range_min_rows: int = Field(32, ge=1)
 
     @model_validator(mode="after")
     def _grid(self):
@@ -146,6 +157,95 @@ def fake_token_clipped(x: torch.Tensor, alpha: torch.Tensor, spec: QuantSpec,
         token_scale, _ = range_qparams(xc.amin(-1, keepdim=True), xc.amax(-1, keepdim=True), spec)
     q = torch.clamp(torch.round(xc / token_scale), spec.qmin, spec.qmax)
     return q * token_scale
+
+
+def search_outlier_scales(w: torch.Tensor, scale: torch.Tensor, outlier_idx: torch.Tensor, m2: torch.Tensor,
+                          weight_spec: QuantSpec, points: int = 33) -> torch.Tensor:
+    """Activation scales for dense-DABC outlier channels that minimise the folded weight error.
+
+    A dense-DABC channel's activation reaches the product exactly whatever its scale ``s_c`` (the residual
+    ``x/s_c − (x_q − z)`` restores it), so ``s_c`` only decides how its weight column is quantized once folded:
+    ``Ŵ_{:,c} = Q_w(W·diag(s))_{:,c} / s_c``. A small ``s_c`` makes the folded column tiny next to its weight
+    group and rounds it to zero (ruinous when ``x_c`` is a massive activation); a large one makes it dominate the
+    group's scale and crushes the neighbours. We pick ``s_c`` minimising the expected output error of the weight
+    group(s) it belongs to (diagonal approximation of the input second moments ``m2_j = E[x_j²]``)::
+
+        E(s_c) = Σ_o Σ_{j∈G(c)} m2_j · (W_oj − Ŵ_oj(s_c))²
+
+    over a geometric grid spanning ``[min(s_med, s_c^own)/16, 4·max(s_med, s_c^own)]`` (one coordinate pass over
+    the outlier channels in index order; others at their current value).
+    """
+    s = scale.clone()
+    if outlier_idx.numel() == 0:
+        return s
+    c = w.shape[1]
+    mask = torch.zeros(c, dtype=torch.bool)
+    mask[outlier_idx] = True
+    s_med = scale[~mask].median() if bool((~mask).any()) else scale.median()
+    if weight_spec.granularity == "tensor":     # one scale for the whole matrix: no per-group trade-off to make
+        s[outlier_idx] = s_med
+        return s
+    width = weight_spec.group_size if weight_spec.granularity == "group" else c
+    for ch in outlier_idx.tolist():
+        a = (ch // width) * width
+        b = min(a + width, c)
+        lo = min(float(s_med), float(scale[ch])) / 16
+        hi = max(float(s_med), float(scale[ch])) * 4
+        cands = torch.logspace(math.log10(lo), math.log10(hi), points)
+        sub = s[a:b].clone().reshape(1, -1).repeat(points, 1)
+        sub[:, ch - a] = cands
+        wf = w[:, a:b].unsqueeze(0) * sub.unsqueeze(1)                       # [P, O, width] folded
+        flat = wf.reshape(-1, b - a)
+        spec = dataclasses.replace(weight_spec, group_size=b - a) if weight_spec.granularity == "group" \
+            else weight_spec
+        deq = quantize_weight(flat, spec).dequantize().reshape(points, w.shape[0], b - a) / sub.unsqueeze(1)
+        err = ((w[:, a:b].unsqueeze(0) - deq).pow(2) * m2[a:b].reshape(1, 1, -1)).sum((1, 2))
+        s[ch] = cands[int(err.argmin())]
+    return s
+
+
+def search_modality_scales(x: torch.Tensor, ids: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor,
+                           outliers: torch.Tensor, opts: MorphoOptions, spec: QuantSpec,
+                           dynamic: bool) -> tuple[torch.Tensor | None, dict]:
+    """Per-modality range multipliers ``t_m`` (our extension 4b).
+
+    With the per-channel ranges ``[lo_c, hi_c]`` fixed, the rows of modality ``m`` are quantized with the range
+    ``t_m·[lo_c, hi_c]`` (static: scale ``t_m s_c``, same zero point; dynamic: clip ``±t_m α_c``), ``t_m``
+    minimising that modality's own ``L_p + λ_cos·L_cos`` over a geometric grid in ``[low, high]`` (DABC active, so
+    outlier channels stay exact). Returns ``t[M+1]`` (pooled fallback = 1), or None when fewer than two
+    modalities have ``min_rows`` rows (one modality: the per-channel ranges already fit it).
+    """
+    if ids is None:
+        return None, {}
+    present = [m for m in Modality if int((ids == int(m)).sum()) >= opts.modality_range_min_rows]
+    if len(present) < 2:
+        return None, {}
+    grid = torch.logspace(math.log10(opts.modality_range_low), math.log10(opts.modality_range_high),
+                          opts.modality_range_points)
+    t = torch.ones(len(Modality) + 1)
+    s, z = range_qparams(lo, hi, spec)
+    alpha = torch.maximum(lo.abs(), hi.abs())
+    info = {}
+    for m in present:
+        xm = x[ids == int(m)]
+        nx = xm.norm(dim=1).clamp(min=1e-12)
+        best, best_t = math.inf, 1.0
+        for tj in grid.tolist():
+            if dynamic:
+                xh = fake_token_clipped(xm, alpha * tj, spec)
+            else:
+                q = torch.clamp(torch.round(xm / (s * tj)) + z, spec.qmin, spec.qmax)
+                xh = (q - z) * (s * tj)
+            xh = torch.where(outliers, xm, xh) if opts.dabc == "dense" else xh
+            loss = float((xm - xh).abs().pow(opts.p).mean())
+            if opts.lambda_cos > 0:
+                cos = (xm * xh).sum(1) / (nx * xh.norm(dim=1).clamp(min=1e-12))
+                loss += opts.lambda_cos * float(1 - cos.mean())
+            if loss < best:
+                best, best_t = loss, tj
+        t[int(m)] = best_t
+        info[m.label] = best_t
+    return t, {"modality_range_scale": info}
 
 
 class ClipSearch:
@@ -354,18 +454,32 @@ class MorphoQuant(Method):
             if o.dabc != "none" and outlier_idx.numel():
                 # outlier channels are recovered by DABC: clip them to the compliant channels' level
                 clip[outlier_idx] = alpha[~mask].max() if bool((~mask).any()) else clip[outlier_idx]
+            t = None
+            if o.modality_ranges:
+                t, tinfo = search_modality_scales(x, ids, -clip, clip, mask, o, act.spec, True)
+                report.update(tinfo)
             return QuantLinear.from_linear(linear, ctx.weight_spec, act, act_clip=clip, outlier_idx=outlier_idx,
                                            dabc=o.dabc, outlier_threshold=threshold,
-                                           weight_quantizer=ctx.weight_quantizer(name))
-        if o.dabc == "dense" and o.outlier_scale == "median" and outlier_idx.numel() and bool((~mask).any()):
+                                           weight_quantizer=ctx.weight_quantizer(name), modality_scale=t)
+        if o.dabc == "dense" and o.outlier_scale != "own" and outlier_idx.numel() and bool((~mask).any()):
             s, _ = range_qparams(lo_c, hi_c, act.spec)
-            ratio = s[~mask].median() / s[outlier_idx]
+            if o.outlier_scale == "median":
+                target = s[~mask].median().expand(outlier_idx.numel())
+            else:
+                m2 = (st.sum_sq / max(st.count, 1)).float()
+                target = search_outlier_scales(linear.weight.detach().float(), s, outlier_idx, m2,
+                                               ctx.weight_spec, o.outlier_scale_points)[outlier_idx]
+            ratio = target / s[outlier_idx]
             lo_c, hi_c = lo_c.clone(), hi_c.clone()
             lo_c[outlier_idx] *= ratio
             hi_c[outlier_idx] *= ratio
+        t = None
+        if o.modality_ranges:
+            t, tinfo = search_modality_scales(x, ids, lo_c, hi_c, mask, o, act.spec, False)
+            report.update(tinfo)
         return QuantLinear.from_linear(linear, ctx.weight_spec, act, act_range=(lo_c, hi_c),
                                        outlier_idx=outlier_idx, dabc=o.dabc, outlier_threshold=threshold,
-                                           weight_quantizer=ctx.weight_quantizer(name))
+                                       weight_quantizer=ctx.weight_quantizer(name), modality_scale=t)
 
 
 def _loss_by_modality(x, xh0, xh1, ids, p) -> dict:

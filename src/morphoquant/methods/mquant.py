@@ -26,8 +26,6 @@ decoders (``auto``: when supported), and weights use the pipeline's quantizer (R
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 from typing import Literal
 
@@ -37,7 +35,13 @@ from torch import nn
 
 from ..layers import QuantLinear
 from ..numerics import fake_quantize, range_qparams
-from ..statistics.modality import Modality
+from ..statistics.modality import (
+    Modality,
+    ModalityContextError,
+    current_modality_ids,
+    modality_context,
+    row_modality_index,
+)
 from .base import BlockContext, Method, MethodOptions, register
 from .quarot import (
     HadamardLinear,
@@ -59,29 +63,8 @@ __all__ = [
     "modality_context",
 ]
 
-_MODALITY_IDS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
-    "morphoquant_modality_ids", default=None)
-
 N_MODALITIES = len(Modality)
 POOLED = N_MODALITIES        # index of the pooled (fallback) scale
-
-
-class ModalityContextError(RuntimeError):
-    """A modality-scaled layer ran without (matching) per-row modality ids."""
-
-
-@contextlib.contextmanager
-def modality_context(ids: torch.Tensor | None):
-    """Per-row modality ids (any shape with one entry per token row; ``PAD`` = -1) for the forwards inside."""
-    token = _MODALITY_IDS.set(None if ids is None else ids.reshape(-1))
-    try:
-        yield
-    finally:
-        _MODALITY_IDS.reset(token)
-
-
-def current_modality_ids() -> torch.Tensor | None:
-    return _MODALITY_IDS.get()
 
 
 class ModalityScaledQuantLinear(QuantLinear):
@@ -107,20 +90,12 @@ class ModalityScaledQuantLinear(QuantLinear):
             scale[i], zero[i] = s.reshape(()), z.reshape(())
         self.act_scale, self.act_zero = scale, zero
 
+    @property
+    def modality_dependent(self) -> bool:
+        return True
+
     def row_index(self, n_rows: int) -> torch.Tensor:
-        ids = current_modality_ids()
-        if ids is None:
-            raise ModalityContextError(
-                "this layer has modality-specific activation scales and needs the token modalities: wrap the "
-                "forward in `with morphoquant.methods.mquant.modality_context(modality_ids):` "
-                "(ids from adapter.decoder_modality_ids(sample))")
-        if ids.numel() == 1:          # one modality for every row (e.g. a text-only evaluation)
-            ids = ids.expand(n_rows)
-        if ids.numel() != n_rows:
-            raise ModalityContextError(f"modality context has {ids.numel()} ids but the layer got {n_rows} rows "
-                                       "(ids of another sequence, or a KV-cache step without its own ids)")
-        idx = ids.to(self.act_scale.device).long()
-        return torch.where((idx < 0) | (idx >= N_MODALITIES), torch.full_like(idx, POOLED), idx)
+        return row_modality_index(n_rows, POOLED).to(self.act_scale.device)
 
     def quantize_input(self, x: torch.Tensor, need_resid: bool = True, **kwargs):
         """Codes with the row's modality scale; the row scale/zero point go to the GEMM epilogue like

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from morphoquant.pipeline.stack import BlockStack, Sample
-from morphoquant.statistics.modality import PAD, Modality, constant_modality_ids
+from morphoquant.statistics.modality import PAD, Modality, constant_modality_ids, modality_context
 
 # Sample keys that carry calibration metadata rather than model inputs; never passed to ``model(**sample)``.
 META_KEYS = frozenset({"modality_ids", "sample_id", "id", "text", "meta", "metadata", "source"})
@@ -313,6 +313,46 @@ class ModelAdapter:
     def decoder_modality_ids(self, sample: Sample) -> torch.Tensor:  # pragma: no cover - abstract
         """int8 ``[B, T]`` ids of the decoder (main) token sequence, ``PAD`` where ``attention_mask == 0``."""
         raise NotImplementedError
+
+    def attach_modality_context(self) -> None:
+        """Make every forward of the model run inside ``modality_context(decoder ids of its inputs)``.
+
+        Layers with per-modality quantizers (per-modality ranges, MQuant-style scales) read the row modalities
+        from that context; with this hook a plain ``model(**inputs)`` or ``model.generate(...)`` supplies them.
+        Idempotent; an existing outer context (a caller's own ids) is left alone."""
+        model = self.model
+        if getattr(model, "_morphoquant_modality_hook", None) is not None:
+            return
+        adapter = self
+        active: list = []
+
+        def pre(module, args, kwargs):
+            from morphoquant.statistics.modality import current_modality_ids
+            if current_modality_ids() is not None:
+                active.append(None)
+                return None
+            sample = dict(kwargs)
+            if args and isinstance(args[0], torch.Tensor) and "input_ids" not in sample:
+                sample["input_ids"] = args[0]
+            try:
+                ids = adapter.decoder_modality_ids(sample)
+            except Exception:   # noqa: BLE001 — inputs without decoder tokens (e.g. embeddings only)
+                ids = None
+            ctx = modality_context(ids) if ids is not None else None
+            if ctx is not None:
+                ctx.__enter__()
+            active.append(ctx)
+            return None
+
+        def post(module, args, kwargs, output):
+            ctx = active.pop() if active else None
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+            return None
+
+        handles = (model.register_forward_pre_hook(pre, with_kwargs=True),
+                   model.register_forward_hook(post, with_kwargs=True, always_call=True))
+        model._morphoquant_modality_hook = handles
 
     # -- protection --------------------------------------------------------------------------------
     def protected_module_names(self) -> list[str]:

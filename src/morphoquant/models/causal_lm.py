@@ -50,7 +50,13 @@ def decoder_token_ids(sample: Sample, token_modality: dict[int, Modality],
 def is_decoder_block(block: nn.Module) -> bool:
     attn = getattr(block, "self_attn", None)
     return attn is not None and getattr(block, "mlp", None) is not None and any(
-        isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "qkv_proj"))
+        _linear_like(getattr(attn, n, None)) for n in ("q_proj", "qkv_proj"))
+
+
+def _linear_like(mod) -> bool:
+    """An ``nn.Linear`` or a quantized replacement of one (a reloaded quantized model must still match)."""
+    return isinstance(mod, nn.Module) and isinstance(getattr(mod, "in_features", None), int) and \
+        isinstance(getattr(mod, "out_features", None), int)
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:

@@ -34,6 +34,7 @@ from torch import nn
 from ..layers import QuantLinear
 from ..numerics import range_qparams
 from ..numerics.integer_gemm import integer_linear, zero_point_correction
+from ..statistics.modality import Modality, row_modality_index
 from .kernels import AutoKernel, IntKernel, get_kernel, int_mm_matmul, prepare_first
 
 __all__ = ["IntegerLinear", "RuntimeReport", "integer_runtime_support", "to_integer_runtime"]
@@ -115,6 +116,7 @@ class IntegerLinear(nn.Module):
         self.register_buffer("act_zero", q.act_zero.detach().clone(), persistent=False)
         self.register_buffer("act_clip", q.act_clip.detach().clone(), persistent=False)
         self.has_clip = bool(torch.isfinite(q.act_clip).any())
+        self.register_buffer("modality_scale", q.modality_scale.detach().clone(), persistent=False)
         self.register_buffer("bias", None if q.bias is None else q.bias.detach().clone(), persistent=False)
         self.has_dabc = q.dabc != "none" and q.outlier_idx.numel() > 0
         idx = q.outlier_idx.detach().clone()
@@ -137,20 +139,28 @@ class IntegerLinear(nn.Module):
             s, z = q.weight_scale, q.weight_zero
         return ((codes - z) * s).contiguous()
 
+    @property
+    def modality_dependent(self) -> bool:
+        return self.modality_scale.numel() > 0
+
     # ------------------------------------------------------------------ activation quantization
     def _quantize(self, x: torch.Tensor):
         """→ (float integer codes x_q, zero point or None, row scale or None, DABC residual or None)."""
         act = self.act
         idx = self.outlier_idx if self.has_dabc else None
+        rows = None          # per-modality range multiplier of each row (QuantLinear docstring)
+        if self.modality_scale.numel():
+            rows = self.modality_scale[row_modality_index(x.shape[0], len(Modality))].reshape(-1, 1)
         if act.dynamic:
-            xc = torch.maximum(torch.minimum(x, self.act_clip), -self.act_clip) if self.has_clip else x
+            clip = self.act_clip if rows is None else self.act_clip * rows
+            xc = torch.maximum(torch.minimum(x, clip), -clip) if self.has_clip else x
             lo, hi = xc.amin(-1, keepdim=True), xc.amax(-1, keepdim=True)     # (aminmax is ~10x slower)
             s, z = range_qparams(lo, hi, act.spec)
             t = xc / s
             base = x[:, idx] if idx is not None else None
         elif act.folded:
             s, z = self.act_scale, self.act_zero
-            t = x / s
+            t = x / s if rows is None else x / (s * rows)
             base = t[:, idx] if idx is not None else None          # u = x / s on the outlier channels
         else:
             s, z = self.act_scale, self.act_zero
@@ -165,12 +175,14 @@ class IntegerLinear(nn.Module):
             q_idx = t[:, idx]
             if act.folded:
                 resid = base - (q_idx - z[idx])
+                if rows is not None:
+                    resid = resid * rows
             else:
                 resid = base - s * (q_idx - z)
             if self.dabc == "sparse":
                 resid = resid * (x[:, idx].abs() > self.outlier_threshold)
         x_zero = None if self.symmetric else z
-        x_scale = None if act.folded else s
+        x_scale = rows if act.folded else s
         return t, x_zero, x_scale, resid
 
     # ------------------------------------------------------------------ forward

@@ -1,7 +1,17 @@
 """Observers: per-modality activation statistics of quantized layers (imports only numerics)."""
 from .channel_stats import ChannelStats, ModalityStats, NonFiniteActivationError
 from .collector import ActivationCollector, InputSampler
-from .modality import ALL, PAD, Modality, constant_modality_ids, modality_ids_from_tokens
+from .modality import (
+    ALL,
+    PAD,
+    Modality,
+    ModalityContextError,
+    constant_modality_ids,
+    current_modality_ids,
+    modality_context,
+    modality_ids_from_tokens,
+)
 
-__all__ = ["ALL", "PAD", "ActivationCollector", "ChannelStats", "InputSampler", "Modality", "ModalityStats",
+__all__ = ["ALL", "PAD", "ActivationCollector", "ChannelStats", "InputSampler", "Modality", "ModalityContextError",
+           "ModalityStats", "current_modality_ids", "modality_context",
            "NonFiniteActivationError", "constant_modality_ids", "modality_ids_from_tokens"]

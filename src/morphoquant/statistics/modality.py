@@ -6,6 +6,8 @@ positions, which are excluded from every statistic and loss (method.md §3 defec
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 
 import torch
@@ -61,3 +63,47 @@ def modality_ids_from_tokens(input_ids: torch.Tensor, attention_mask: torch.Tens
 
 def present_modalities(ids: torch.Tensor) -> list[Modality]:
     return [m for m in Modality if bool((ids == int(m)).any())]
+
+
+# ------------------------------------------------------------------ per-row modality ids at run time
+_MODALITY_IDS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "morphoquant_modality_ids", default=None)
+
+
+class ModalityContextError(RuntimeError):
+    """A modality-dependent layer ran without (matching) per-row modality ids."""
+
+
+@contextlib.contextmanager
+def modality_context(ids: torch.Tensor | None):
+    """Per-row modality ids (any shape with one entry per token row; ``PAD`` = -1) for the forwards inside.
+
+    Layers whose quantizer depends on the token's modality (per-modality scales) read them with
+    :func:`current_modality_ids`; the pipeline and every evaluator wrap forwards in this context."""
+    token = _MODALITY_IDS.set(None if ids is None else ids.reshape(-1))
+    try:
+        yield
+    finally:
+        _MODALITY_IDS.reset(token)
+
+
+def current_modality_ids() -> torch.Tensor | None:
+    return _MODALITY_IDS.get()
+
+
+def row_modality_index(n_rows: int, fallback: int) -> torch.Tensor:
+    """Modality index per row of a layer's ``[n_rows, C]`` input from the current context (one id broadcasts to
+    every row); padding and unknown ids map to ``fallback``. Raises :class:`ModalityContextError` without ids."""
+    ids = current_modality_ids()
+    if ids is None:
+        raise ModalityContextError(
+            "this layer has modality-specific activation scales and needs the token modalities: wrap the "
+            "forward in `with morphoquant.statistics.modality_context(modality_ids):` "
+            "(ids from adapter.decoder_modality_ids(sample))")
+    if ids.numel() == 1:          # one modality for every row (e.g. a text-only evaluation)
+        ids = ids.expand(n_rows)
+    if ids.numel() != n_rows:
+        raise ModalityContextError(f"modality context has {ids.numel()} ids but the layer got {n_rows} rows "
+                                   "(ids of another sequence, or a KV-cache step without its own ids)")
+    idx = ids.long()
+    return torch.where((idx < 0) | (idx >= len(Modality)), torch.full_like(idx, fallback), idx)
