@@ -54,14 +54,18 @@ def _load(model_ref: str):
     return model, proc
 
 
+# what `quantize --out` writes in a recipe's directory (run.json, the manifest, last)
+RUN_FILES = {".resume", "layers.jsonl", "recipe.yaml", "report.json", "channels.safetensors", "checkpoint", "run.json"}
+
+
 def _check_out_dir(out: Path, model_ref: str, recipe_name: str, overwrite: bool) -> None:
     """Refuse to mix runs: an existing output dir must hold the same model and recipe (or --overwrite)."""
     manifest = out / "run.json"
     if not out.exists() or not any(out.iterdir()):
         return
     if not manifest.exists():
-        if overwrite:
-            return
+        if overwrite or {p.name for p in out.iterdir()} <= RUN_FILES:
+            return          # empty of foreign files: an unfinished run of ours (killed, disk full): resume it
         raise CLIError(f"output directory {out} is not empty and was not written by morphoquant; choose another "
                        "--out or pass --overwrite")
     prev = json.loads(manifest.read_text())
@@ -99,7 +103,7 @@ def cmd_quantize(args) -> int:
     from ..eval.tasks import task_for
     from ..models import get_adapter
     from ..pipeline.recipe import load_recipe
-    from ..pipeline.runner import environment_versions, peak_rss_mb
+    from ..pipeline.runner import peak_rss_mb
 
     torch.manual_seed(args.seed)
     overrides = _parse_set(args.set)
@@ -139,6 +143,7 @@ def cmd_quantize(args) -> int:
         if out:
             _check_out_dir(out, args.model, recipe.name, args.overwrite)
             out.mkdir(parents=True, exist_ok=True)
+            (out / "run.json").unlink(missing_ok=True)     # this run replaces the previous one: not complete yet
             if not (out / ".resume" / "progress.json").exists():
                 (out / "layers.jsonl").unlink(missing_ok=True)
         log.info("== %s: %s", recipe.name, recipe.description.strip())
@@ -158,14 +163,7 @@ def cmd_quantize(args) -> int:
             row["metrics"] = m
         rows.append(row)
         if out:
-            (out / "recipe.yaml").write_text(recipe.to_yaml())
-            _write_json(out / "report.json", {"row": row, "fp": fp_metrics, "quantization": report.to_dict(),
-                                              "task": task.describe()})
-            _save_channels(out / "channels.safetensors", report.channels)
-            if not args.no_save:
-                _save_checkpoint(qmodel, proc, out, recipe, samples, args)
-            _write_json(out / "run.json", {"model": args.model, "recipe": recipe.name,
-                                           "versions": environment_versions(), "command": sys.argv})
+            _write_run_outputs(out, qmodel, proc, recipe, samples, args, row, fp_metrics, report, task)
             import shutil
             shutil.rmtree(resume_dir, ignore_errors=True)
         del qmodel
@@ -181,6 +179,32 @@ def cmd_quantize(args) -> int:
               ", ".join(r["recipe"] for r in rows if r.get("sanity") == "FAIL"), file=sys.stderr)
         return 3
     return 0
+
+
+def _write_run_outputs(out: Path, qmodel, proc, recipe, samples, args, row, fp_metrics, report, task) -> None:
+    """Every file of a finished recipe run, ``run.json`` last. If one cannot be written (e.g. the disk is full)
+    the ones written so far are removed again: a directory without ``run.json`` holds only the layer log and
+    the resume checkpoint, and re-running the same command finishes it from that checkpoint."""
+    from ..pipeline.runner import environment_versions
+    from ..utils.atomic import atomic_write_text
+    written = [out / "recipe.yaml", out / "report.json", out / "channels.safetensors", out / "checkpoint"]
+    try:
+        atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+        _write_json(out / "report.json", {"row": row, "fp": fp_metrics, "quantization": report.to_dict(),
+                                          "task": task.describe()})
+        _save_channels(out / "channels.safetensors", report.channels)
+        if not args.no_save:
+            _save_checkpoint(qmodel, proc, out, recipe, samples, args)
+        _write_json(out / "run.json", {"model": args.model, "recipe": recipe.name,
+                                       "versions": environment_versions(), "command": sys.argv})
+    except BaseException:
+        import shutil
+        for p in written:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        raise
 
 
 SANITY_SUFFIX = "@w8a8"
@@ -261,7 +285,11 @@ def _write_report(run_dir: Path) -> None:
     try:
         from ..report import build_report
         log.info("report: %s", build_report(run_dir))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
+        from ..utils.atomic import write_error
+        fault = write_error(e, run_dir / "report")
+        if fault is not None:       # disk full / read-only: the user must know, not just a warning
+            raise fault from e
         log.warning("could not write the HTML report of %s: %s", run_dir, e)
 
 
@@ -290,16 +318,12 @@ def _bit_summary(report) -> dict:
 
 def _save_channels(path: Path, channels: dict) -> None:
     """Per-channel arrays of every quantized linear as ``"<layer>|<array>"`` tensors (for reports)."""
-    import os
-    import tempfile
+    from safetensors.torch import save
 
-    from safetensors.torch import save_file
+    from ..utils.atomic import atomic_write_bytes
     flat = {f"{layer}|{k}": v.detach().float().contiguous() for layer, arrs in channels.items()
             for k, v in arrs.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(flat, tmp)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(flat))
 
 
 def _save_checkpoint(qmodel, proc, out: Path, recipe, samples, args) -> None:
@@ -317,7 +341,9 @@ def _save_checkpoint(qmodel, proc, out: Path, recipe, samples, args) -> None:
     manifest = {"model": args.model, "num_samples": recipe.calibration.num_samples,
                 "seq_len": recipe.calibration.seq_len, "seed": recipe.calibration.seed,
                 "source": "built-in task calibration split", "sha256": h.hexdigest()}
-    save_quantized(qmodel, out / "checkpoint", recipe, manifest, processor=proc)
+    # _check_out_dir already refused a directory of another model/recipe: a previous checkpoint here is ours
+    save_quantized(qmodel, out / "checkpoint", recipe, manifest, tokenizer=proc, overwrite=True,
+                   verbose=not args.quiet)
 
 
 def _print_table(rows, task, args) -> None:
@@ -330,7 +356,7 @@ def _print_table(rows, task, args) -> None:
     print("-" * len(hdr))
     for r in rows:
         val = r.get(metric)
-        print(f"{r['recipe']:<22} {val if val is None else format(val, '10.3f'):>10} "
+        print(f"{r['recipe']:<22} {'-' if val is None else format(val, '10.3f'):>10} "
               f"{format(r['x_fp'], '7.2f') if r.get('x_fp') else '':>7} "
               f"{format(r['effective_act_bits'], '8.2f') if 'effective_act_bits' in r else '':>8} "
               f"{format(100 * r['outlier_channel_share'], '7.1f') + '%' if 'outlier_channel_share' in r else '':>8} "
@@ -483,6 +509,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _output_fault_message(e: BaseException, args) -> str | None:
+    """Disk full / read-only / file too large: the cause, the fix with the flag to change, and whether a
+    re-run resumes."""
+    from ..utils.atomic import write_error
+    if not isinstance(e, OSError):
+        return None
+    fault = write_error(e, e.filename or ".")
+    if fault is None:
+        return None
+    msg = str(fault)
+    if getattr(args, "out", None):
+        msg += " (--out)"
+        if any(Path(args.out).glob("*/.resume/progress.json")):
+            msg += "; then the same command resumes from the last finished block"
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args)
@@ -505,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     except known as e:   # clear one-line errors for bad input; programming errors keep their traceback
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise
-        print(f"morphoquant: error: {e}", file=sys.stderr)
+        print(f"morphoquant: error: {_output_fault_message(e, args) or e}", file=sys.stderr)
         return 2
 
 

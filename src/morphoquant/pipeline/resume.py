@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..utils.atomic import atomic_write_with
+
 FAULT_ENV = "MORPHOQUANT_FAULT_KILL_AFTER_BLOCK"   # fault injection for tests: SIGKILL after N checkpoints
 
 
@@ -44,12 +46,8 @@ def run_fingerprint(model: nn.Module, recipe_yaml: str, samples: list[dict]) -> 
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # temp file removed on failure; a full disk surfaces as OutputWriteError, not torch's errno-less RuntimeError
+    atomic_write_with(path, lambda f: torch.save(obj, f))
 
 
 class ResumeCheckpoint:
@@ -96,9 +94,8 @@ class ResumeCheckpoint:
         _atomic_save({"records": report.records, "channels": report.channels,
                       "passthrough": report.passthrough}, self.dir / "report.pt")
         self.done.append((stack, index))
-        tmp = self.dir / "progress.json.tmp"
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done}))
-        os.replace(tmp, self.dir / "progress.json")
+        progress = json.dumps({"fingerprint": self.fingerprint, "done": self.done}).encode()
+        atomic_write_with(self.dir / "progress.json", lambda f: f.write(progress))
         self._saves += 1
         kill_after = os.environ.get(FAULT_ENV)
         if kill_after and self._saves >= int(kill_after):
