@@ -51,15 +51,86 @@ def feature_cache(kind: str, keys: list, compute, cache_root: Path, tag: str) ->
     return store
 
 
+def align(model, proc, args, images, speech, img_store, aud_store) -> dict:
+    """Stage 1, without the decoder: make projected tokens look like the decoder's embeddings of what they show.
+
+    The decoder's (tied) embedding matrix ``E`` restricted to the target tokens scores every projected token
+    ``y``: ``logits = y E^T``. Images: ``-log mean_tokens p(colour) - log mean_tokens p(shape)`` (some of the 16
+    tokens must read as the colour word, some as the shape word). Speech: CTC of the transcript tokens over the
+    audio tokens, with one extra learnable blank direction. A penalty ``0.1 (|y| / |e| - 1)^2`` keeps token norms at
+    the embeddings' mean norm ``|e|``. Returns the loss curve.
+    """
+    tok = proc.tokenizer
+    cfg = model.omni_config
+    emb = model.language_model.get_input_embeddings().weight.detach()
+    img_t = [(str(p), tok(" " + c).input_ids[0], tok(" " + sh).input_ids[0]) for p, c, sh in images]
+    sp_t = [((s.text, s.voice, s.speed), tok(" " + s.text).input_ids) for s in speech]
+    vocab = sorted({t for _, c, sh in img_t for t in (c, sh)} | {t for _, ids in sp_t for t in ids})
+    index = {t: i for i, t in enumerate(vocab)}
+    e_sub = emb[vocab]
+    e_norm = float(emb.norm(dim=-1).mean())
+    blank = torch.nn.Parameter(torch.zeros(emb.shape[1]))
+    params = [*model.image_projector.parameters(), *model.audio_projector.parameters(), blank]
+    opt = torch.optim.AdamW(params, lr=args.align_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed)
+    curve, window, t = [], {"image": [], "ctc": [], "colour_acc": []}, time.time()
+    log(f"stage 1: {args.align_steps} steps, {len(img_t)} images, {len(sp_t)} clips, {len(vocab)} target tokens")
+    for step in range(args.align_steps):
+        lr = args.align_lr * min(1.0, (step + 1) / 30) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / args.align_steps)))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        ib = torch.randint(len(img_t), (16,), generator=g).tolist()
+        y = model.image_projector(torch.stack([img_store[img_t[i][0]].float() for i in ib]))     # [16, n, H]
+        p = torch.softmax(y @ e_sub.T, -1).mean(1)                                               # [16, V']
+        col = torch.tensor([index[img_t[i][1]] for i in ib])
+        shp = torch.tensor([index[img_t[i][2]] for i in ib])
+        rows = torch.arange(len(ib))
+        loss_img = -(p[rows, col].clamp(min=1e-9).log() + p[rows, shp].clamp(min=1e-9).log()).mean()
+        sb = torch.randint(len(sp_t), (8,), generator=g).tolist()
+        outs = model.project_audio([aud_store[sp_t[i][0]].float() for i in sb])
+        lens = torch.tensor([o.shape[0] for o in outs])
+        padded = torch.nn.utils.rnn.pad_sequence(outs)                                           # [T, 8, H]
+        logits = torch.cat([padded @ e_sub.T, (padded @ blank)[..., None]], -1)
+        targets = [torch.tensor([index[t] for t in sp_t[i][1]]) for i in sb]
+        loss_ctc = torch.nn.functional.ctc_loss(
+            logits.log_softmax(-1), torch.cat(targets), lens, torch.tensor([len(x) for x in targets]),
+            blank=len(vocab), zero_infinity=True)
+        norms = torch.cat([y.reshape(-1, y.shape[-1]), torch.cat(outs)]).norm(dim=-1) / e_norm
+        loss = loss_img + loss_ctc + 0.1 * ((norms - 1) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        window["image"].append(float(loss_img.detach()))
+        window["ctc"].append(float(loss_ctc.detach()))
+        colours = sorted({c for _, c, _ in img_t})
+        pc = p.detach()[:, [index[c] for c in colours]].argmax(-1)
+        window["colour_acc"].append(float((torch.tensor(colours)[pc] == torch.tensor([img_t[i][1] for i in ib]))
+                                          .float().mean()))
+        if (step + 1) % 50 == 0 or step == args.align_steps - 1:
+            entry = {"step": step + 1, "elapsed_s": round(time.time() - t, 1), "lr": lr,
+                     **{k: round(float(np.mean(v)), 4) for k, v in window.items()}}
+            curve.append(entry)
+            window = {k: [] for k in window}
+            log(f"stage 1 step {step + 1}: " + " ".join(f"{k}={v}" for k, v in entry.items() if k != "step"))
+    del cfg
+    return {"steps": args.align_steps, "seconds": round(time.time() - t, 1), "target_tokens": len(vocab),
+            "curve": curve}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="projector file (default: the packaged one)")
     ap.add_argument("--log", default=None, help="training log JSON (default: next to --out)")
-    ap.add_argument("--n-image", type=int, default=450)
-    ap.add_argument("--n-spoken", type=int, default=300)
-    ap.add_argument("--n-asr", type=int, default=800)
+    ap.add_argument("--n-image", type=int, default=250, help="stage 2: image documents (4 QA turns)")
+    ap.add_argument("--n-spoken", type=int, default=200, help="stage 2: spoken-QA documents (2 turns)")
+    ap.add_argument("--n-asr", type=int, default=500, help="stage 2: transcription documents")
+    ap.add_argument("--align-images", type=int, default=750, help="stage 1: labelled training images")
+    ap.add_argument("--align-sentences", type=int, default=1300, help="stage 1: spoken training sentences")
+    ap.add_argument("--align-steps", type=int, default=400, help="stage 1 steps (0: skip stage 1)")
+    ap.add_argument("--align-lr", type=float, default=2e-3)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -68,7 +139,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    from morphoquant.data.omnimini import training_examples
+    from morphoquant.data.omnimini import alignment_data, training_examples
     from morphoquant.models.omnimini import ASSET_DIR, PROJECTOR_FILE, save_projectors
     from morphoquant.zoo import cache_dir
     from morphoquant.zoo.registry import omnimini_parts
@@ -90,8 +161,11 @@ def main(argv=None) -> int:
     cache_root = cache_dir() / "omnimini"
     cache_root.mkdir(parents=True, exist_ok=True)
     tag = hashlib.sha256(json.dumps([cfg.to_json(), torch.__version__]).encode()).hexdigest()[:12]
-    images = sorted({str(p) for e in examples for p in e.images})
-    speech = sorted({s for e in examples for s in e.speech}, key=lambda s: (s.text, s.voice, s.speed))
+    align_images, align_speech = alignment_data(args.align_images, args.align_sentences) if args.align_steps \
+        else ([], [])
+    images = sorted({str(p) for e in examples for p in e.images} | {str(p) for p, _, _ in align_images})
+    speech = sorted({s for e in examples for s in e.speech} | set(align_speech),
+                    key=lambda s: (s.text, s.voice, s.speed))
 
     def image_batches(keys):
         from PIL import Image
@@ -113,7 +187,14 @@ def main(argv=None) -> int:
     aud_store = feature_cache("audio", [(s.text, s.voice, s.speed) for s in speech],
                               lambda keys: audio_items([type(speech[0])(*k) for k in keys]), cache_root, tag)
 
-    # ---- token documents
+    params = [p for n, p in model.named_parameters() if n.split(".")[0] in
+              ("image_projector", "audio_projector", "extra_embeddings")]
+    for p in params:
+        p.requires_grad_(True)
+    align_log = align(model, proc, args, align_images, align_speech, img_store, aud_store) \
+        if args.align_steps else {}
+
+    # ---- stage 2: token documents through the frozen decoder
     docs = []
     for e in examples:
         n_audio = [math.ceil(aud_store[(s.text, s.voice, s.speed)].shape[0] / cfg.audio_stack) for s in e.speech]
@@ -139,10 +220,6 @@ def main(argv=None) -> int:
     batches = [batches[i] for i in rng.permutation(len(batches))]
     steps = len(batches)
 
-    params = [p for n, p in model.named_parameters() if n.split(".")[0] in
-              ("image_projector", "audio_projector", "extra_embeddings")]
-    for p in params:
-        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
 
     def lr_at(step):
@@ -207,7 +284,7 @@ def main(argv=None) -> int:
         "args": vars(args), "config": json.loads(cfg.to_json()), "documents": len(docs), "tokens": n_tok,
         "kinds": {k: sum(d["kind"] == k for d in docs) for k in kinds}, "steps": steps,
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
-        "tokens_per_second": round(tokens_done / train_s, 1), "curve": curve,
+        "tokens_per_second": round(tokens_done / train_s, 1), "curve": curve, "alignment": align_log,
         "trainable_parameters": sum(p.numel() for p in params),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }

@@ -36,6 +36,7 @@ __all__ = [
     "TRAIN_VOICES",
     "OmniExample",
     "Speech",
+    "alignment_data",
     "asr_example",
     "asr_sentences",
     "calibration_examples",
@@ -206,6 +207,19 @@ def training_examples(n_image: int, n_spoken: int, n_asr: int, turns: int = 4, s
         out.append(asr_example(Speech(sent, *_voice(i))))
     order = rng.permutation(len(out))
     return [out[i] for i in order]
+
+
+def alignment_data(n_images: int, n_sentences: int) -> tuple[list[tuple[Path, str, str]], list[Speech]]:
+    """Stage-1 (alignment) data: the first ``n_images`` training images with their (colour, shape) labels, and
+    the first ``n_sentences`` training sentences spoken as in :func:`training_examples` (same voices), so
+    they include all of its images and sentences."""
+    by_image = _by_image("train")
+    labels = image_labels("train")
+    images = [(by_image[i][0].image_path, *labels[i]) for i in training_image_ids(n_images) if i in labels]
+    if n_sentences > ASR_TRAIN_SENTENCES:
+        raise ValueError(f"at most {ASR_TRAIN_SENTENCES} training sentences, asked {n_sentences}")
+    speech = [Speech(s, *_voice(i)) for i, s in enumerate(asr_sentences("calibration", n_sentences))]
+    return images, speech
 
 
 def calibration_examples(n: int, seed: int = 0, kinds: tuple[str, ...] = ("image_qa", "spoken_qa", "asr")

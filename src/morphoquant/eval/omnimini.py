@@ -102,7 +102,7 @@ class OmniMiniTask(Task):
     @torch.no_grad()
     def choose_answer(self, model: nn.Module, sample: Sample) -> str:
         """The candidate answer with the highest total log-probability after the prompt."""
-        out = model(**sample, use_cache=True)
+        out = model(**sample, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[0, -1].float(), -1)
         best, best_score = None, -float("inf")
         for answer, ids in self._candidates():
@@ -124,7 +124,7 @@ class OmniMiniTask(Task):
         """Greedy decoding until a newline / end token / ``max_new_tokens``."""
         tok = self.processor.tokenizer
         stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")}
-        out = model(**sample, use_cache=True)
+        out = model(**sample, use_cache=True, logits_to_keep=1)
         n = sample["input_ids"].shape[1]
         ids: list[int] = []
         while len(ids) < max_new_tokens:
