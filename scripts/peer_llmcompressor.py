@@ -245,6 +245,18 @@ def write_table(out: Path, rows: list[dict], meta: dict) -> None:
     atomic_write_text(out / "peer.md", table_markdown(rows, meta))
 
 
+def previous_rows(path: Path, meta: dict) -> dict[str, dict]:
+    """The successful rows of an earlier ``peer.json`` by scheme, if it was measured on the same model, windows
+    and group size as ``meta``; ``{}`` otherwise (then every scheme runs again)."""
+    if not Path(path).exists():
+        return {}
+    old = json.loads(Path(path).read_text())
+    keys = ("calibration_sha256", "evaluation_sha256", "group_size", "model")
+    if any(old.get("meta", {}).get(k) != meta.get(k) for k in keys):
+        return {}
+    return {r["scheme"]: r for r in old.get("rows", []) if not r.get("error") and r.get("scheme") in SCHEMES}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Driver (our venv)
 # ----------------------------------------------------------------------------------------------------------
@@ -339,6 +351,7 @@ def run_scheme(py: Path, out: Path, scheme: str, meta: dict, args) -> dict:
     else:
         row = json.loads(row_path.read_text())
     row["wall_seconds"] = time.time() - t
+    row["command"] = meta["command"]  # kept rows of earlier runs keep the command that produced them
     print(f"   {scheme}: ppl {row.get('ppl')}  ({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
     return row
 
@@ -368,25 +381,23 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         torch.set_num_threads(args.threads)
         meta = prepare(args, out)
-        meta["schemes"] = schemes
-        prev = {}
-        if (out / "peer.json").exists() and not args.overwrite:
-            old = json.loads((out / "peer.json").read_text())
-            same = all(old.get("meta", {}).get(k) == meta[k] for k in
-                       ("calibration_sha256", "evaluation_sha256", "group_size", "model"))
-            prev = {r["scheme"]: r for r in old.get("rows", []) if same and not r.get("error")}
-        rows = []
+        prev = previous_rows(out / "peer.json", meta)
+        # rows of schemes not asked for this time (same windows) stay in the table; rows in SCHEMES order
+        order = [s for s in SCHEMES if s in schemes or s in prev]
+        meta["schemes"] = order
+        done: dict[str, dict] = {}
         for s in schemes:
-            if s in prev:
+            if s in prev and not args.overwrite:
                 print(f"== {s}: kept from {out / 'peer.json'} (--overwrite re-runs it)", file=sys.stderr)
-                rows.append(prev[s])
+                done[s] = prev[s]
             else:
-                rows.append(run_scheme(py, out, s, meta, args))
+                done[s] = run_scheme(py, out, s, meta, args)
+            rows = [done.get(x) or prev[x] for x in order if x in done or x in prev]
             meta["versions_peer"] = next((r["versions"] for r in rows if r.get("versions")), None)
             write_table(out, rows, meta)
         print(table_markdown(rows, meta))
         print(f"written: {out / 'peer.md'}, {out / 'peer.json'}", file=sys.stderr)
-        return 1 if any(r.get("error") for r in rows) else 0
+        return 1 if any(r.get("error") for r in done.values()) else 0
     except PeerError as e:
         print(f"peer_llmcompressor: {e}", file=sys.stderr)
         return 2
@@ -479,6 +490,20 @@ def activation_quant_check(model, window) -> dict:
             "lm_head_quantized": any(n.endswith("lm_head") for n, _ in quantized)}
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process image in MiB: ``VmHWM`` of ``/proc/self/status`` (Linux).
+
+    Not ``ru_maxrss``: Linux carries a parent's high-water mark through fork + exec, so a worker started by a
+    driver holding a model would report the driver's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(job_path: Path) -> int:
     """Quantize with llm-compressor and score with our perplexity in this (the peer's) process."""
     import torch
@@ -526,7 +551,7 @@ def worker(job_path: Path) -> int:
         finally:
             h.remove()
         calib_s = time.time() - t
-    rss_calib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_calib = peak_rss_mb()
     check = activation_quant_check(model, evalw[0]) if spec["method"] is not None else None
     calib_set = {tuple(r.tolist()) for r in calib}
     seen_set = {tuple(r.tolist()) for r in seen_rows}
@@ -536,7 +561,7 @@ def worker(job_path: Path) -> int:
         "ppl": res.ppl, "ppl_ci95": list(res.confidence_interval()), "eval_tokens": res.tokens,
         "model": wmeta.get("model"),
         "calib_seconds": calib_s, "eval_seconds": time.time() - t, "load_seconds": load_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_rss_mb_calib": rss_calib,
+        "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_calib": rss_calib, "peak_rss_source": "VmHWM",
         # the embedding's inputs during oneshot: which distinct windows reached the model, and are they ours?
         "calib_forward_calls": len(seen_rows), "calib_windows_distinct_seen": len(seen_set),
         "calib_windows_seen_are_ours": seen_set <= calib_set, "calib_windows_all_used": seen_set == calib_set,

@@ -92,3 +92,14 @@ def test_write_table(peer, tmp_path):
     assert "| llmc-w4a4-rtn | W4g64 | A4-token | 50 | 5 | 2.5 | 1111 | active" in md
     assert "failed: boom" in md
     assert "ratio 1.000000" in md
+
+
+def test_previous_rows_only_from_the_same_windows(peer, tmp_path):
+    meta = {"model": "m", "group_size": 64, "calibration_sha256": "c", "evaluation_sha256": "e"}
+    rows = [{"recipe": "llmc-fp32", "scheme": "fp32", "ppl": 10.0},
+            {"recipe": "llmc-w4a4-gptq", "scheme": "w4a4-gptq", "ppl": None, "error": "exit 1"}]
+    assert peer.previous_rows(tmp_path / "peer.json", meta) == {}
+    peer.write_table(tmp_path, rows, meta)
+    assert list(peer.previous_rows(tmp_path / "peer.json", meta)) == ["fp32"]  # failed rows run again
+    assert peer.previous_rows(tmp_path / "peer.json", {**meta, "evaluation_sha256": "other"}) == {}
+    assert peer.previous_rows(tmp_path / "peer.json", {**meta, "group_size": 128}) == {}
