@@ -111,7 +111,7 @@ def test_sparse_budget_bounds_bypassed_elements():
     assert r2[0] <= r[0]      # without a budget the outlier channel drifts to a smaller clip (authors' behaviour)
 
 
-@pytest.mark.parametrize("recipe", ["morpho", "morpho-reference", "morpho-modal"])
+@pytest.mark.parametrize("recipe", ["morpho", "morpho-reference", "morpho-modal", "morpho-plus"])
 def test_recipes_run_on_tiny_omni_with_mixed_modalities(recipe):
     model, factory = tiny_model("qwen2.5-omni-thinker")
     samples = [factory(seed=0), factory(seed=1, video=True)]
