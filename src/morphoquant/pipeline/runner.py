@@ -8,8 +8,8 @@ For each enabled stack (encoder towers first, then the decoder):
    per-modality statistics, padding excluded, plus sampled input rows when the method wants them), keep the FP
    outputs; **quantize** (the method returns a ``QuantLinear`` per linear, swapped in place); **propagate** (run
    the quantized block on the same inputs: its outputs feed block ``i+1``, so every block is calibrated on the
-   error its predecessors really make); log the relative reconstruction error
-   ``‖Y_q − Y_fp‖² / ‖Y_fp‖²`` per modality.
+   error its predecessors really make); log the mean per-token relative reconstruction error
+   ``mean_n ‖y_q,n − y_fp,n‖ / ‖y_fp,n‖`` per modality.
 
 Memory holds one block's inputs and outputs for the calibration set (optionally on disk), never the
 activations of the whole network; a finished block keeps only its integer codes and scales (its fp32
