@@ -1,0 +1,20 @@
+"""The ablation recipes of benchmarks/ parse and differ from the paper recipe in exactly the option they name."""
+from pathlib import Path
+
+import pytest
+
+from morphoquant.pipeline.recipe import load_recipe
+
+ABL = Path(__file__).resolve().parents[2] / "benchmarks" / "ablations"
+EXPECTED = {"abl-no-dabc": {"dabc"}, "abl-no-mdqfo": {"clip_search"}, "abl-lp-only": {"lambda_cos"},
+            "abl-sparse": {"dabc"}, "abl-budget-2": {"budget"}, "abl-budget-10": {"budget"}}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_ablation_changes_one_thing(name):
+    base = load_recipe("morpho")
+    r = load_recipe(ABL / f"{name}.yaml")
+    assert r.name == name and r.weights == base.weights and r.activations == base.activations
+    from morphoquant.methods.morpho import MorphoOptions
+    a, b = MorphoOptions(**base.options).model_dump(), MorphoOptions(**r.options).model_dump()
+    assert {k for k in a if a[k] != b[k]} == EXPECTED[name]
