@@ -231,3 +231,12 @@ def test_unknown_task_sizes_and_kinds_are_errors(omni):
     with pytest.raises(ValueError, match="subset"):
         OmniMiniTask(proc, calib_kinds=("video",))
     assert math.isclose(OmniMiniTask(proc).sizes["image_qa"], 64)
+
+
+def test_answer_type_candidates():
+    from morphoquant.data.omnimini import answer_type_candidates
+    assert answer_type_candidates("no") == ("yes", "no")
+    assert "teal" in answer_type_candidates("red") and len(answer_type_candidates("red")) == 8
+    assert answer_type_candidates("circle") == ("circle", "rectangle", "triangle")
+    with pytest.raises(ValueError, match="not an easy-VQA answer"):
+        answer_type_candidates("maybe")

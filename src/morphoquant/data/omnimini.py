@@ -37,6 +37,7 @@ __all__ = [
     "OmniExample",
     "Speech",
     "alignment_data",
+    "answer_type_candidates",
     "asr_example",
     "asr_sentences",
     "calibration_examples",
@@ -91,6 +92,14 @@ class OmniExample:
                 break
             out.append(text)
         return "".join(out)
+
+
+def answer_type_candidates(answer: str) -> tuple[str, ...]:
+    """The easy-VQA answers of the same type as ``answer``: yes/no, the 8 colours, or the 3 shapes."""
+    for group in (("yes", "no"), COLOURS, SHAPES):
+        if answer in group:
+            return group
+    raise ValueError(f"{answer!r} is not an easy-VQA answer (yes/no, {', '.join(COLOURS + SHAPES)})")
 
 
 def _turn(question: str, answer: str, first: bool) -> list[tuple[str, bool]]:

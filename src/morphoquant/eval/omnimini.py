@@ -1,8 +1,9 @@
 """OmniMini tasks: image QA, spoken question + image QA, transcription and text perplexity.
 
-* ``vqa_acc`` — easy-VQA **test** questions about the image: the answer is chosen by *scoring* the 13
-  candidate answers (sum of the log-probabilities of the candidate's tokens after ``Answer:``; every candidate
-  has a distinct first token), not by free decoding, so a model that prefers a paraphrase is not penalised.
+* ``vqa_acc`` — easy-VQA **test** questions about the image: the answer is chosen by *scoring* the candidate
+  answers of the question's type (yes/no, the 8 colours or the 3 shapes; easy-VQA's question templates fix the
+  type) by the sum of the log-probabilities of the candidate's tokens after ``Answer:`` (every candidate has a
+  distinct first token), not by free decoding, so a model that prefers a paraphrase is not penalised.
 * ``spoken_vqa_acc`` — the same with the question spoken (espeak-ng, evaluation voices/speeds) instead of
   written: image, audio and text tokens in one sequence; candidates scored the same way.
 * ``asr_wer`` — greedy transcription (stops at a newline, the end token, or ``3 x words + 8`` tokens) of
@@ -100,12 +101,15 @@ class OmniMiniTask(Task):
         return self._cache["candidates"]
 
     @torch.no_grad()
-    def choose_answer(self, model: nn.Module, sample: Sample) -> str:
-        """The candidate answer with the highest total log-probability after the prompt."""
+    def choose_answer(self, model: nn.Module, sample: Sample, allowed: tuple[str, ...] | None = None) -> str:
+        """The candidate answer (among ``allowed``, default all) with the highest total log-probability after
+        the prompt."""
         out = model(**sample, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[0, -1].float(), -1)
         best, best_score = None, -float("inf")
         for answer, ids in self._candidates():
+            if allowed is not None and answer not in allowed:
+                continue
             score = float(first[ids[0]])
             if len(ids) > 1:
                 past = copy.deepcopy(out.cache)
@@ -140,7 +144,9 @@ class OmniMiniTask(Task):
     def evaluate_kind(self, model: nn.Module, kind: str) -> dict:
         t = time.time()
         if kind in ("image_qa", "spoken_qa"):
-            preds = [(e.answer, self.choose_answer(model, s)) for e, s in self._items(kind)]
+            from ..data.omnimini import answer_type_candidates
+            preds = [(e.answer, self.choose_answer(model, s, answer_type_candidates(e.answer)))
+                     for e, s in self._items(kind)]
             acc = sum(a == p for a, p in preds) / len(preds)
             key = "vqa_acc" if kind == "image_qa" else "spoken_vqa_acc"
             return {key: acc, f"{key}_n": len(preds), f"{key}_seconds": time.time() - t}
