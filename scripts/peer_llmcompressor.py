@@ -212,8 +212,9 @@ def table_markdown(rows: list[dict], meta: dict) -> str:
     """The results as Markdown: one row per scheme, then the protocol, command and versions."""
     fp = next((r.get("ppl") for r in rows if r.get("scheme") == "fp32" and r.get("ppl") is not None), None)
     lines = [f"# llm-compressor on {meta.get('model')}, scored by MorphoQuant's evaluator", "",
-             "| recipe | weights | activations | wiki ppl | × FP | calib s | peak RSS MB | act. quant check |",
-             "|---|---|---|---|---|---|---|---|"]
+             ("| recipe | weights | activations | wiki ppl | × FP | calib s | peak RSS MB: load + quantize | "
+              "peak RSS MB: whole run (incl. eval) | act. quant check |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         chk = r.get("act_quant_check") or {}
         if r.get("error"):
@@ -226,7 +227,8 @@ def table_markdown(rows: list[dict], meta: dict) -> str:
         ppl = r.get("ppl")
         xfp = ppl / fp if (ppl is not None and fp) else None
         lines.append(f"| {r['recipe']} | {r.get('weights', '')} | {r.get('activations', '')} | {_fmt(ppl)} | "
-                     f"{_fmt(xfp, 3)} | {_fmt(r.get('calib_seconds'), 3)} | {_fmt(r.get('peak_rss_mb'), 4)} | "
+                     f"{_fmt(xfp, 3)} | {_fmt(r.get('calib_seconds'), 3)} | {_fmt(r.get('peak_rss_mb_calib'), 4)} | "
+                     f"{_fmt(r.get('peak_rss_mb'), 4)} | "
                      f"{check} |")
     fp_ours = meta.get("fp_ppl_ours")
     agree = f" (peer environment: {_fmt(fp, 6)}, ratio {fp / fp_ours:.6f})" if fp and fp_ours else ""

@@ -81,7 +81,7 @@ def test_fake_quant_per_token_hand_computed(peer):
 def test_write_table(peer, tmp_path):
     rows = [{"recipe": "llmc-fp32", "scheme": "fp32", "weights": "fp32", "activations": "fp32", "ppl": 10.0},
             {"recipe": "llmc-w4a4-rtn", "scheme": "w4a4-rtn", "weights": "W4g64", "activations": "A4-token",
-             "ppl": 50.0, "calib_seconds": 2.5, "peak_rss_mb": 1111.0,
+             "ppl": 50.0, "calib_seconds": 2.5, "peak_rss_mb": 1111.0, "peak_rss_mb_calib": 900.0,
              "act_quant_check": {"input_quantized": True, "rel_vs_weight_only": 0.15, "rel_vs_expected": 0.0}},
             {"recipe": "llmc-w4a4-gptq", "scheme": "w4a4-gptq", "ppl": None, "error": "exit 1:\nboom"}]
     meta = {"model": "tiny", "fp_ppl_ours": 10.0, "command": "x", "calib": {"windows": 2}}
@@ -89,7 +89,7 @@ def test_write_table(peer, tmp_path):
     data = json.loads((tmp_path / "peer.json").read_text())
     assert data["rows"][1]["ppl"] == 50.0 and data["meta"]["model"] == "tiny"
     md = (tmp_path / "peer.md").read_text()
-    assert "| llmc-w4a4-rtn | W4g64 | A4-token | 50 | 5 | 2.5 | 1111 | active" in md
+    assert "| llmc-w4a4-rtn | W4g64 | A4-token | 50 | 5 | 2.5 | 900 | 1111 | active" in md
     assert "failed: boom" in md
     assert "ratio 1.000000" in md
 
