@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_RECIPES = ["rtn-w4a4", "rtn-w4a4-static", "morpho"]
+DEFAULT_RECIPES = ["rtn-w4a4", "rtn-w4a4-static", "morpho-plus"]
 
 log = logging.getLogger("morphoquant")
 
