@@ -141,7 +141,7 @@ class OmniMiniTask(Task):
         return tok.decode(ids, skip_special_tokens=True).strip()
 
     # -- evaluation --------------------------------------------------------------------------------
-    def evaluate_kind(self, model: nn.Module, kind: str) -> dict:
+    def evaluate_kind(self, model: nn.Module, kind: str, progress: bool = False) -> dict:
         t = time.time()
         if kind in ("image_qa", "spoken_qa"):
             from ..data.omnimini import answer_type_candidates
@@ -163,7 +163,7 @@ class OmniMiniTask(Task):
             from ..data import evaluation_windows
             from .perplexity import evaluate_perplexity
             w = evaluation_windows(self.processor.tokenizer, self.seq_len, self.sizes["wiki_windows"])
-            res = evaluate_perplexity(model, w, batch_size=1)
+            res = evaluate_perplexity(model, w, batch_size=1, progress=progress)
             return {"wiki_ppl": res.ppl, "wiki_tokens": res.tokens, "wiki_seconds": time.time() - t}
         raise ValueError(f"unknown OmniMini task {kind!r}")
 
@@ -174,7 +174,7 @@ class OmniMiniTask(Task):
                 continue
             if kind != "wiki" and not self.sizes[kind]:
                 continue
-            out.update(self.evaluate_kind(model, kind))
+            out.update(self.evaluate_kind(model, kind, progress))
         parts = [out.get("vqa_acc"), out.get("spoken_vqa_acc"),
                  None if "asr_wer" not in out else max(0.0, 1.0 - out["asr_wer"])]
         parts = [p for p in parts if p is not None]
