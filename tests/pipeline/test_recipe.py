@@ -48,3 +48,44 @@ def test_invalid_yaml(tmp_path):
 def test_non_string_keys_are_a_recipe_error():
     with pytest.raises(RecipeError, match="keys must be names"):
         parse_recipe({1: "x"})
+
+
+BASELINES = {"smoothquant-w4a4": "smoothquant", "awq-w4a16": "awq", "gptq-w4a16": "gptq", "gptq-w4a4": "gptq",
+             "quarot-w4a4": "quarot", "quarot-gptq-w4a4": "quarot", "mbq-w4a4": "mbq", "mquant-w4a4": "mquant",
+             "osplus-w4a4": "osplus"}
+
+
+def test_baseline_recipes_ship_with_the_format_their_name_says():
+    for name, method in BASELINES.items():
+        r = load_recipe(name)
+        assert r.method == method and r.name == name
+        w, a = name.rsplit("-", 1)[1].removeprefix("w").split("a")
+        assert r.weights.bits == int(w) and r.activations.bits == int(a)
+    assert load_recipe("quarot-gptq-w4a4").weight_method == "gptq"
+
+
+def test_format_suffix_moves_bit_widths_and_keeps_the_method():
+    r = load_recipe("gptq-w4a4@w8a8")
+    assert (r.name, r.method) == ("gptq-w4a4@w8a8", "gptq")
+    assert (r.weights.bits, r.weights.granularity, r.weights.group_size) == (8, "channel", None)
+    assert (r.activations.bits, r.activations.granularity) == (8, "token")
+    # NF4 weights become int8 at W8; the static per-channel activation quantizer is kept
+    r = load_recipe("morpho-reference@w8a8")
+    assert r.weights.format == "int" and r.weights.bits == 8
+    assert (r.activations.bits, r.activations.granularity, r.activations.symmetric) == (8, "channel", False)
+    # a weight-only recipe gets dynamic per-token activations; W4A16 switches activations off
+    r = load_recipe("awq-w4a16@w4a4")
+    assert (r.activations.bits, r.activations.granularity, r.activations.symmetric) == (4, "token", True)
+    assert load_recipe("rtn-w4a4@w4a16").activations.bits == 16
+    # an 8-bit recipe moved to W4 gets int4 groups of 64
+    r = load_recipe("rtn-w8a8@w4a8")
+    assert (r.weights.bits, r.weights.granularity, r.weights.group_size) == (4, "group", 64)
+    # overrides apply after the format
+    assert load_recipe("rtn-w4a4@w8a8", {"activations": {"bits": 6}}).activations.bits == 6
+
+
+def test_unknown_format_suffix_is_a_clear_error():
+    with pytest.raises(RecipeError, match="unknown format 'w9'.*w8a8, w4a8, w4a16, w4a4"):
+        load_recipe("rtn-w4a4@w9")
+    with pytest.raises(RecipeError, match="no recipe 'nope'"):
+        load_recipe("nope@w8a8")

@@ -180,8 +180,47 @@ def parse_recipe(data: dict, source: str = "<dict>") -> Recipe:
         raise RecipeError(f"invalid recipe {source}:\n" + "\n".join(lines)) from None
 
 
+#: ``RECIPE@FORMAT`` bit-width presets: (weight bits, activation bits)
+FORMATS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, 16), "w4a4": (4, 4)}
+
+
+def with_format(data: dict, fmt: str, source: str = "<recipe>") -> dict:
+    """The recipe ``data`` moved to the bit widths of ``fmt`` (a key of :data:`FORMATS`), keeping its method.
+
+    Weights: 8 bits are int8 per output channel (the usual W8 format); 4 bits keep the recipe's 4-bit format
+    (group size, NF4 …) or, for an 8-bit recipe, become int4 symmetric in groups of 64. Activations: 16 turns
+    them off; 8 or 4 keep the recipe's granularity and symmetry, or use dynamic per-token symmetric when the
+    recipe was weight-only. Per-stack overrides are kept. The name becomes ``NAME@fmt``.
+    """
+    key = fmt.lower()
+    if key not in FORMATS:
+        raise RecipeError(f"{source}: unknown format {fmt!r} after '@' (choose from {', '.join(FORMATS)})")
+    w_bits, a_bits = FORMATS[key]
+    out = dict(data)
+    w = dict(out.get("weights") or {})
+    if w_bits == 8:
+        w.update(bits=8, granularity="channel", group_size=None, format="int")
+    elif int(w.get("bits", 4)) != 4:
+        w = {"bits": 4, "symmetric": True, "granularity": "group", "group_size": 64}
+    a = dict(out.get("activations") or {})
+    if a_bits == 16:
+        a = {"bits": 16}
+    elif int(a.get("bits", 16)) == 16:
+        a = {"bits": a_bits, "symmetric": True, "granularity": "token"}
+    else:
+        a["bits"] = a_bits
+    out.update(weights=w, activations=a, name=f"{out.get('name', Path(source).stem)}@{key}")
+    return out
+
+
 def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Recipe:
-    """A built-in recipe name (``rtn-w4a4`` ...) or a YAML file path, with optional nested overrides."""
+    """A built-in recipe name (``rtn-w4a4`` ...) or a YAML file path, with optional nested overrides.
+
+    ``NAME@FORMAT`` (``gptq-w4a4@w8a8``, ``morpho@w4a8`` …) loads ``NAME`` and moves it to the bit widths of
+    ``FORMAT`` (:func:`with_format`); overrides apply after the format."""
+    fmt = None
+    if isinstance(name_or_path, str) and "@" in name_or_path and not Path(name_or_path).exists():
+        name_or_path, fmt = name_or_path.rsplit("@", 1)
     path = Path(name_or_path)
     builtins = builtin_recipes()
     if str(name_or_path) in builtins:
@@ -193,6 +232,10 @@ def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Reci
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if fmt is not None:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+        data = with_format(data, fmt, str(path))
     if overrides:
         data = _deep_merge(data or {}, overrides)
     return parse_recipe(data, str(path))
