@@ -40,6 +40,19 @@ def _parse_set(values: list[str]) -> dict:
     return out
 
 
+def _parse_modalities(value: str | None) -> list[str] | None:
+    """``--calib-modalities image,audio,text`` → ``["image", "audio", "text"]`` (checked before loading)."""
+    if value is None:
+        return None
+    from ..statistics.modality import MODALITY_NAMES
+    mods = [m.strip().lower() for m in value.split(",") if m.strip()]
+    bad = [m for m in mods if m not in MODALITY_NAMES]
+    if not mods or bad:
+        raise CLIError(f"--calib-modalities expects a comma-separated list of {', '.join(MODALITY_NAMES)} "
+                       f"(e.g. image,audio,text), got {value!r}")
+    return mods
+
+
 def _setup_logging(args) -> None:
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
@@ -116,6 +129,7 @@ def cmd_quantize(args) -> int:
         if args.seq_len is not None:
             r.calibration.seq_len = args.seq_len
         r.calibration.seed = args.seed
+    calib_modalities = _parse_modalities(args.calib_modalities)
     model, proc = _load(args.model)
     adapter = get_adapter(model)
     if args.dry_run:
@@ -124,12 +138,19 @@ def cmd_quantize(args) -> int:
             _dry_run(model, r, adapter)
         return 0
     task = task_for(model, proc, eval_windows=args.eval_size, seq_len=args.seq_len or 512)
+    if calib_modalities:
+        restrict = getattr(task, "restrict_calibration_modalities", None)
+        if restrict is None:
+            raise CLIError(f"--calib-modalities: the {task.kind} task of {args.model} has a fixed calibration mix "
+                           "(only multimodal tasks such as omnimini's can be restricted); drop the option")
+        log.info("calibration restricted to %s: %s", ",".join(calib_modalities), ", ".join(restrict(calib_modalities)))
     rows = []
     fp_metrics = None
     if not args.no_eval:
         t = time.time()
         fp_metrics = task.evaluate(model, progress=not args.quiet)
-        rows.append({"recipe": "fp32", task.metric: fp_metrics[task.metric], "seconds_eval": time.time() - t})
+        rows.append({"recipe": "fp32", task.metric: fp_metrics[task.metric], "seconds_eval": time.time() - t,
+                     "metrics": fp_metrics})
         log.info("FP32 %s = %.4g", task.metric, fp_metrics[task.metric])
     calib_cache: dict = {}
     out_root = Path(args.out) if args.out else None
@@ -253,6 +274,7 @@ def _write_compare(rows, recipes, task, args, out: Path) -> None:
                metric: r.get(metric), "x_fp": r.get("x_fp"), "effective_act_bits": r.get("effective_act_bits"),
                "outlier_channel_share": r.get("outlier_channel_share"), "calib_seconds": r.get("calib_seconds"),
                "peak_rss_mb": r.get("peak_rss_mb")}
+        row.update({k: (r.get("metrics") or {}).get(k) for k in getattr(task, "table_metrics", ())})
         if r["recipe"].endswith(SANITY_SUFFIX) and fp:
             worse = (r.get(metric) or 0) / fp if task.lower_is_better else fp / max(r.get(metric) or 1e-9, 1e-9)
             row["sanity"] = r["sanity"] = "ok" if worse <= 1 + SANITY_TOLERANCE else "FAIL"
@@ -447,6 +469,10 @@ def cmd_zoo(args) -> int:
     return 0
 
 
+CALIB_MODALITIES_HELP = ("calibrate only on documents of these modalities, comma-separated, e.g. image,text "
+                         "(multimodal tasks only; default: the task's full mix)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="morphoquant", description=__doc__.splitlines()[0])
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
@@ -466,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-save", action="store_true", help="do not write the quantized checkpoint")
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--dry-run", action="store_true", help="print what would be quantized and exit")
+    q.add_argument("--calib-modalities", help=CALIB_MODALITIES_HELP)
     q.set_defaults(func=cmd_quantize)
 
     c = sub.add_parser("compare", help="run several recipes on one model and write one comparison table")
@@ -479,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[])
     c.add_argument("--sanity", action="store_true", help="add a W8A8 variant of every method (must stay near FP)")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--calib-modalities", help=CALIB_MODALITIES_HELP)
     c.set_defaults(func=cmd_quantize, no_eval=False, no_save=True, dry_run=False)
 
     e = sub.add_parser("eval", help="evaluate a model or a quantized checkpoint directory")

@@ -16,7 +16,12 @@
 Calibration (:meth:`OmniMiniTask.calibration_samples`) cycles through ``calib_kinds``: image QA and spoken QA
 documents on easy-VQA *train* images never used in training, transcriptions of Wikipedia calibration-split
 sentences, and text windows of the calibration split; all disjoint from every evaluation item. Drop a kind
-(``calib_kinds``) for the calibration-modality ablation.
+(``calib_kinds``, or by modality with :meth:`OmniMiniTask.restrict_calibration_modalities` /
+``morphoquant compare omnimini --calib-modalities image,text``) for the calibration-modality ablation.
+
+``eval_size`` (the CLI's ``--eval-size``) scales all four tasks together from the image-QA count ``n``, keeping the
+default proportions: ``n`` image-QA, ``3n/4`` spoken-QA, ``3n/8`` transcription items and ``n/16`` text windows
+(each rounded, at least 1); ``eval_size=64`` gives the default sizes.
 """
 from __future__ import annotations
 
@@ -31,14 +36,46 @@ from .tasks import Task
 
 CALIB_KINDS = ("image_qa", "spoken_qa", "asr", "text")
 DEFAULT_SIZES = {"image_qa": 64, "spoken_qa": 48, "asr": 24, "wiki_windows": 4}
+# the modalities whose tokens each calibration kind puts into the decoder (prompts and answers are text)
+KIND_MODALITIES = {"image_qa": ("image", "text"), "spoken_qa": ("image", "audio", "text"),
+                   "asr": ("audio", "text"), "text": ("text",)}
+CALIB_MODALITIES = ("image", "audio", "text")
+# per-task columns of `morphoquant compare` tables (besides the headline omni_acc)
+TABLE_METRICS = ("vqa_acc", "spoken_vqa_acc", "asr_wer", "wiki_ppl")
+
+
+def sizes_for_eval_size(n: int) -> dict:
+    """Task sizes scaled from ``n`` image-QA items in the default proportions (``n = 64`` → the defaults)."""
+    if n < 1:
+        raise ValueError(f"OmniMini evaluation size must be at least 1 (got {n}); pass e.g. --eval-size 32")
+    return {k: max(1, round(v * n / DEFAULT_SIZES["image_qa"])) for k, v in DEFAULT_SIZES.items()}
+
+
+def calib_kinds_for_modalities(modalities) -> tuple[str, ...]:
+    """The calibration kinds whose documents hold only tokens of ``modalities`` (a subset of image, audio,
+    text): ``{image, text}`` → image QA and text windows; ``{audio, text}`` → transcriptions and text windows;
+    ``{text}`` → text windows only. Spoken QA (image + audio + text) needs all three."""
+    mods = {str(m).strip().lower() for m in modalities}
+    unknown = sorted(mods - set(CALIB_MODALITIES))
+    if unknown or not mods:
+        raise ValueError(f"calibration modalities {sorted(mods) if mods else '(none)'} are not a non-empty subset of "
+                         f"{', '.join(CALIB_MODALITIES)}; pass e.g. image,audio,text or text")
+    kinds = tuple(k for k in CALIB_KINDS if set(KIND_MODALITIES[k]) <= mods)
+    if not kinds:
+        raise ValueError(f"no OmniMini calibration document holds only {', '.join(sorted(mods))}: every one has text "
+                         "tokens (the prompt); add text, e.g. " + ",".join(sorted(mods) + ["text"]))
+    return kinds
 
 
 class OmniMiniTask(Task):
     """The four OmniMini tasks (see module docstring)."""
 
+    table_metrics = TABLE_METRICS
+
     def __init__(self, processor, sizes: dict | None = None, seq_len: int = 256,
-                 calib_kinds: tuple[str, ...] = CALIB_KINDS, seed: int = 0):
-        self.sizes = {**DEFAULT_SIZES, **(sizes or {})}
+                 calib_kinds: tuple[str, ...] = CALIB_KINDS, seed: int = 0, eval_size: int | None = None):
+        base = DEFAULT_SIZES if eval_size is None else sizes_for_eval_size(eval_size)
+        self.sizes = {**base, **(sizes or {})}
         unknown = set(self.sizes) - set(DEFAULT_SIZES)
         if unknown:
             raise ValueError(f"unknown OmniMini task sizes {sorted(unknown)}; use {sorted(DEFAULT_SIZES)}")
@@ -50,8 +87,16 @@ class OmniMiniTask(Task):
         self.seed = seed
 
     def describe(self) -> dict:
+        mods = sorted({m for k in self.calib_kinds for m in KIND_MODALITIES[k]}, key=CALIB_MODALITIES.index)
         return {**super().describe(), "sizes": self.sizes, "calib_kinds": list(self.calib_kinds),
+                "calib_modalities": mods,
                 "answer_selection": "scoring of the 13 candidate answers (sum of token log-probs)"}
+
+    def restrict_calibration_modalities(self, modalities) -> tuple[str, ...]:
+        """Calibrate only on documents holding tokens of ``modalities`` (see :func:`calib_kinds_for_modalities`);
+        returns the calibration kinds kept."""
+        self.calib_kinds = calib_kinds_for_modalities(modalities)
+        return self.calib_kinds
 
     # -- samples -----------------------------------------------------------------------------------
     def sample_of(self, example, with_target: bool = True) -> Sample:

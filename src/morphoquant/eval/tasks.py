@@ -179,7 +179,7 @@ def task_for(model: nn.Module, processor, **kw) -> Task:
         return VisionTask(processor)
     if name.startswith("OmniMini"):
         from .omnimini import OmniMiniTask
-        return OmniMiniTask(processor)
+        return OmniMiniTask(processor, eval_size=kw.get("eval_windows"))
     raise TaskError(f"no built-in calibration/evaluation task for {name}; built-in tasks cover causal LMs "
                     "(wiki perplexity), Whisper (word error rate), DINOv2 (feature fidelity) and OmniMini. Use "
                     "the Python API with your own calibration samples for other models.")

@@ -1,0 +1,144 @@
+"""OmniMiniTask on tiny random parts: calibration restricted by modality, evaluation sizes from ``--eval-size``,
+the per-task table columns. Data loaders are replaced by tiny fakes (no easy-VQA, no espeak-ng): milliseconds."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM, WhisperConfig
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+import morphoquant.data as data_module
+import morphoquant.data.omnimini as omni_data
+from morphoquant.data.omnimini import OmniExample
+from morphoquant.eval.omnimini import (
+    DEFAULT_SIZES,
+    OmniMiniTask,
+    calib_kinds_for_modalities,
+    sizes_for_eval_size,
+)
+from morphoquant.eval.tasks import task_for
+from morphoquant.models.omnimini import OmniMiniConfig, OmniMiniForConditionalGeneration, OmniMiniProcessor
+
+V = 128
+
+
+class CharTokenizer:
+    """One id per character (``ord % 120 + 1``)."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=[ord(c) % 120 + 1 for c in text])
+
+
+class FakeSpeech:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def waveform(self) -> np.ndarray:
+        return (np.random.default_rng(0).standard_normal(int(self.seconds * 16000)) * 0.1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def omni():
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=512)).eval()
+    vision = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, patch_size=14, image_size=56)).eval()
+    audio = WhisperEncoder(WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2,
+                                         encoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500)).eval()
+    cfg = OmniMiniConfig(vocab_size=V, text_hidden=64, image_hidden=32, audio_hidden=32, image_size=56,
+                         image_projector_hidden=48, audio_projector_hidden=48)
+    return (OmniMiniForConditionalGeneration.from_parts(lm, vision, audio, config=cfg),
+            OmniMiniProcessor(CharTokenizer(), cfg))
+
+
+@pytest.fixture
+def fake_calibration_data(monkeypatch, tmp_path):
+    """Tiny stand-ins for the calibration documents (one per kind, like the real ones) and text windows."""
+    img = tmp_path / "img.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(img)
+    asked = {}
+
+    def examples(n, seed=0, kinds=()):
+        asked["kinds"] = tuple(kinds)
+        docs = {"image_qa": OmniExample("image_qa", (("<image>\nQ:", False), (" red\n", True)), (img,)),
+                "spoken_qa": OmniExample("spoken_qa", (("<image>\nQ: <audio>\nA:", False), (" no\n", True)),
+                                         (img,), (FakeSpeech(0.5),)),
+                "asr": OmniExample("asr", (("<audio>\nT:", False), (" hi\n", True)), (), (FakeSpeech(0.5),))}
+        return [docs[kinds[i % len(kinds)]] for i in range(n)]
+
+    monkeypatch.setattr(omni_data, "calibration_examples", examples)
+    monkeypatch.setattr(data_module, "calibration_windows",
+                        lambda tok, n, seq_len, seed=0: torch.randint(1, 100, (n, seq_len)))
+    return asked
+
+
+def _modalities(sample, cfg) -> set[str]:
+    ids = set(sample["input_ids"].flatten().tolist())
+    return {"text"} | ({"image"} if cfg.image_token_id in ids else set()) | \
+        ({"audio"} if cfg.audio_token_id in ids else set())
+
+
+@pytest.mark.parametrize("modalities, kinds", [
+    (["image", "audio", "text"], ("image_qa", "spoken_qa", "asr", "text")),
+    (["image", "text"], ("image_qa", "text")),                 # without audio: spoken QA has audio too
+    (["audio", "text"], ("asr", "text")),                      # without image: spoken QA has an image
+    (["text"], ("text",)),
+    ([" Text ", "IMAGE"], ("image_qa", "text")),               # names are trimmed and case-insensitive
+])
+def test_calibration_kinds_for_modalities(modalities, kinds):
+    assert calib_kinds_for_modalities(modalities) == kinds
+
+
+@pytest.mark.parametrize("modalities, match", [
+    ([], "non-empty subset"), (["video"], "non-empty subset"), (["image", "audio"], "add text"),
+])
+def test_impossible_calibration_modalities_are_clear_errors(modalities, match):
+    with pytest.raises(ValueError, match=match):
+        calib_kinds_for_modalities(modalities)
+
+
+def test_restricted_calibration_samples_hold_only_those_modalities(omni, fake_calibration_data):
+    model, proc = omni
+    cfg = model.omni_config
+    task = OmniMiniTask(proc)
+    full = task.calibration_samples(8, 16)
+    assert [sorted(_modalities(s, cfg)) for s in full[:4]] == [["image", "text"], ["audio", "image", "text"],
+                                                               ["audio", "text"], ["text"]]
+    assert task.restrict_calibration_modalities(["audio", "text"]) == ("asr", "text")
+    samples = task.calibration_samples(6, 16)
+    assert fake_calibration_data["kinds"] == ("asr",)
+    assert [sorted(_modalities(s, cfg)) for s in samples] == [["audio", "text"], ["text"]] * 3
+    assert task.describe()["calib_modalities"] == ["audio", "text"]
+    task.restrict_calibration_modalities(["text"])
+    assert all(_modalities(s, cfg) == {"text"} and s["input_ids"].shape == (1, 16)
+               for s in task.calibration_samples(3, 16))
+    with torch.no_grad():                       # the samples are model inputs
+        model(**samples[0])
+
+
+def test_eval_size_scales_all_tasks():
+    assert sizes_for_eval_size(64) == DEFAULT_SIZES
+    # 16 image QA; 16·48/64 = 12 spoken; 16·24/64 = 6 transcriptions; 16·4/64 = 1 window
+    assert sizes_for_eval_size(16) == {"image_qa": 16, "spoken_qa": 12, "asr": 6, "wiki_windows": 1}
+    assert sizes_for_eval_size(1) == {"image_qa": 1, "spoken_qa": 1, "asr": 1, "wiki_windows": 1}
+    with pytest.raises(ValueError, match="at least 1"):
+        sizes_for_eval_size(0)
+
+
+def test_task_for_passes_the_eval_size(omni):
+    model, proc = omni
+    task = task_for(model, proc, eval_windows=32, seq_len=512)
+    assert isinstance(task, OmniMiniTask)
+    assert task.sizes == {"image_qa": 32, "spoken_qa": 24, "asr": 12, "wiki_windows": 2}
+    assert task_for(model, proc).sizes == DEFAULT_SIZES
+    # explicit sizes still win over the scaled ones
+    assert OmniMiniTask(proc, sizes={"asr": 2}, eval_size=16).sizes["asr"] == 2
+    assert task.table_metrics == ("vqa_acc", "spoken_vqa_acc", "asr_wer", "wiki_ppl")
