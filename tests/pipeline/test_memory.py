@@ -30,7 +30,7 @@ def test_finished_blocks_keep_no_fp32_weights():
     model, _, refs, fp32_bytes = _quantized_tiny()
     q = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert q
-    assert all(m._w_deq is None for m in q)                      # dequantized caches released
+    assert not any(m.has_cache for m in q)                      # dequantized caches released
     assert all(r() is None for r in refs)                        # the replaced fp32 weights were freed
     held = sum(b.numel() * b.element_size() for m in q for b in m.buffers())
     # int8 codes (1 byte/weight) + scales of groups of 16 + small per-channel vectors: ~1/3 of fp32, not 1 or 2x

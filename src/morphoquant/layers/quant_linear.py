@@ -192,6 +192,19 @@ class QuantLinear(nn.Module):
             self._zb = (w, w @ z)
         return self._zb[1]
 
+    def release_cache(self) -> int:
+        """Drop the fp32 caches (``W_q`` and ``W_q z``; rebuilt lazily on the next forward); returns bytes freed."""
+        w = self._w_deq
+        freed = w.numel() * w.element_size() if w is not None else 0
+        self._w_deq = None
+        self._zb = None           # (W_q, W_q z): holds W_q too
+        return freed
+
+    @property
+    def has_cache(self) -> bool:
+        """Whether an fp32 dequantized-weight cache is held."""
+        return self._w_deq is not None
+
     def _apply(self, fn, recurse=True):
         self._w_deq = None
         return super()._apply(fn, recurse)

@@ -474,16 +474,7 @@ def release_dequantized_weights(block: nn.Module) -> int:
     second fp32 copy of every quantized weight at the end of the run (for Qwen2.5-0.5B: 1.4 GB on top of the
     int8 codes). The cache is rebuilt lazily on the next forward (evaluation, serving).
     """
-    freed = 0
-    for m in block.modules():
-        if isinstance(m, QuantLinear):
-            w = getattr(m, "_w_deq", None)
-            if w is not None:
-                freed += w.numel() * w.element_size()
-            m._w_deq = None
-            if getattr(m, "_zb", None) is not None:
-                m._zb = None       # (W_q, W_q z): holds W_q too
-    return freed
+    return sum(m.release_cache() for m in block.modules() if isinstance(m, QuantLinear))
 
 
 def channel_arrays(stats: ModalityStats) -> dict[str, torch.Tensor]:
