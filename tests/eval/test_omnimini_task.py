@@ -141,4 +141,33 @@ def test_task_for_passes_the_eval_size(omni):
     assert task_for(model, proc).sizes == DEFAULT_SIZES
     # explicit sizes still win over the scaled ones
     assert OmniMiniTask(proc, sizes={"asr": 2}, eval_size=16).sizes["asr"] == 2
-    assert task.table_metrics == ("vqa_acc", "spoken_vqa_acc", "asr_wer", "wiki_ppl")
+    assert task.table_metrics[:4] == ("vqa_acc", "spoken_vqa_acc", "asr_wer", "wiki_ppl")
+    assert task.table_metrics[4:] == ("kl_text", "kl_image", "kl_audio")
+
+
+def test_modality_kl_is_zero_against_itself_and_causal(omni):
+    """KL(reference || model) per modality: 0 for the model itself; perturbing the audio projector leaves the
+    image rows (all before the audio) exactly unchanged and moves the audio rows."""
+    import copy
+
+    model, proc = omni
+    cfg = model.omni_config
+    task = OmniMiniTask(proc, sizes={"spoken_qa": 1})
+    s = proc("<image>Q:<audio>A:", images=[np.zeros((64, 64, 3), np.uint8)], audios=[FakeSpeech(0.5).waveform()])
+    task._cache["spoken_qa"] = [(None, s)]
+    same = task.modality_kl(model, model)
+    assert same["kl_text"] == same["kl_image"] == same["kl_audio"] == 0.0
+    # rows: 4 image, ceil(ceil(50 / 2) / 4) = 7 audio, the rest text (markers and "Q:", "A:")
+    n = s["input_ids"].shape[1]
+    assert (same["kl_image_rows"], same["kl_audio_rows"], same["kl_text_rows"]) == (4, 7, n - 11)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.audio_projector.fc2.weight.mul_(3.0)
+    kl = task.modality_kl(other, model)
+    assert kl["kl_image"] == 0.0 and kl["kl_audio"] > 0 and kl["kl_text"] > 0
+    with torch.no_grad():               # the audio rows' mean, computed directly
+        p = torch.log_softmax(model(**s).logits[0].double(), -1)
+        q = torch.log_softmax(other(**s).logits[0].double(), -1)
+    rows = s["input_ids"][0] == cfg.audio_token_id
+    want = torch.nn.functional.kl_div(q[rows], p[rows], log_target=True, reduction="sum") / int(rows.sum())
+    assert abs(kl["kl_audio"] - float(want)) < 1e-9

@@ -13,6 +13,11 @@
 
 ``omni_acc = mean(vqa_acc, spoken_vqa_acc, max(0, 1 - asr_wer))`` is the headline (higher is better).
 
+Per-modality fidelity (only with a ``reference`` model, i.e. for a quantized model against full precision):
+``kl_text`` / ``kl_image`` / ``kl_audio`` = mean over the token rows of that modality of
+``KL(p_ref || p) = sum_v p_ref(v) (log p_ref(v) - log p(v))``, the next-token distributions of the two models on
+the spoken-QA prompts (image, audio and text tokens in one sequence; a row's modality is that of its input token).
+
 Calibration (:meth:`OmniMiniTask.calibration_samples`) cycles through ``calib_kinds``: image QA and spoken QA
 documents on easy-VQA *train* images never used in training, transcriptions of Wikipedia calibration-split
 sentences, and text windows of the calibration split; all disjoint from every evaluation item. Drop a kind
@@ -41,7 +46,7 @@ KIND_MODALITIES = {"image_qa": ("image", "text"), "spoken_qa": ("image", "audio"
                    "asr": ("audio", "text"), "text": ("text",)}
 CALIB_MODALITIES = ("image", "audio", "text")
 # per-task columns of `morphoquant compare` tables (besides the headline omni_acc)
-TABLE_METRICS = ("vqa_acc", "spoken_vqa_acc", "asr_wer", "wiki_ppl")
+TABLE_METRICS = ("vqa_acc", "spoken_vqa_acc", "asr_wer", "wiki_ppl", "kl_text", "kl_image", "kl_audio")
 
 
 def sizes_for_eval_size(n: int) -> dict:
@@ -212,8 +217,31 @@ class OmniMiniTask(Task):
             return {"wiki_ppl": res.ppl, "wiki_tokens": res.tokens, "wiki_seconds": time.time() - t}
         raise ValueError(f"unknown OmniMini task {kind!r}")
 
+    @torch.no_grad()
+    def modality_kl(self, model: nn.Module, reference: nn.Module) -> dict:
+        """Mean ``KL(reference || model)`` of the next-token distributions per input-token modality, over the
+        spoken-QA prompts (see module docstring)."""
+        t = time.time()
+        cfg = self.processor.config
+        total = {"text": 0.0, "image": 0.0, "audio": 0.0}
+        rows = dict.fromkeys(total, 0)
+        for _, s in self._items("spoken_qa"):
+            lp_ref = torch.log_softmax(reference(**s).logits[0].double(), -1)
+            lp = torch.log_softmax(model(**s).logits[0].double(), -1)
+            kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
+            ids = s["input_ids"][0]
+            for name, sel in (("image", ids == cfg.image_token_id), ("audio", ids == cfg.audio_token_id),
+                              ("text", (ids != cfg.image_token_id) & (ids != cfg.audio_token_id))):
+                total[name] += float(kl[sel].sum())
+                rows[name] += int(sel.sum())
+        out = {f"kl_{m}": total[m] / rows[m] for m in total if rows[m]}
+        out.update({f"kl_{m}_rows": rows[m] for m in total}, kl_seconds=time.time() - t)
+        return out
+
     def evaluate(self, model, reference=None, progress=False):
         out: dict = {}
+        if reference is not None and reference is not model and self.sizes["spoken_qa"]:
+            out.update(self.modality_kl(model, reference))
         for kind in ("image_qa", "spoken_qa", "asr", "wiki"):
             if kind == "wiki" and not self.sizes["wiki_windows"]:
                 continue
