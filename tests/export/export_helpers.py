@@ -26,9 +26,10 @@ SCHEMES = {
     "nf4-a8": (QuantSpec(4, True, "group", 32, fmt="nf4"), ActivationConfig(QuantSpec(8, True, "token")), "none",
                False),
     "w4-tensor-a4": (QuantSpec(4, True, "tensor"), A4T, "none", False),
+    "w4a4-full-range": (QuantSpec(4, True, "group", 32, full_range=True), A4T, "none", False),
 }
 STANDARD = {"w4a16", "w4a4", "w8a8", "w4a8-asym-token", "w4a4-static-tensor", "w4a16-asym", "w8a16-asym-channel",
-            "w4-tensor-a4"}
+            "w4-tensor-a4", "w4a4-full-range"}
 
 
 def hand_quantize(model: nn.Module, scheme: str, seed: int = 0, only: str = "model.layers") -> nn.Module:

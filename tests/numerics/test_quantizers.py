@@ -145,3 +145,38 @@ def test_codebooks(fmt, levels, den):
 def test_weight_rejects_token_granularity():
     with pytest.raises(QuantConfigError):
         quantize_weight(torch.randn(2, 4), QuantSpec(4, True, "token"))
+
+
+def test_full_range_symmetric_int4_hand_computed():
+    from morphoquant.numerics import QuantConfigError, QuantSpec, compute_qparams, dequantize, quantize
+    spec = QuantSpec(4, True, "channel", full_range=True)
+    w = torch.tensor([[-1.0, 0.5, 1.0, 0.0]])
+    s, z = compute_qparams(w, spec, "weight")
+    assert torch.allclose(s, torch.tensor([[1 / 7.5]]))
+    q = quantize(w, s, z, spec)
+    # ±amax sit on rounding boundaries (±7.5): +1 rounds up to 8 and is clipped to 7; fp32 1/7.5 is rounded up,
+    # so -1/s = -7.4999996 rounds to -7; 3.75 -> 4; 0 -> 0
+    assert q.tolist() == [[-7, 4, 7, 0]]
+    assert torch.allclose(dequantize(q, s, z, spec), torch.tensor([[-7 / 7.5, 4 / 7.5, 7 / 7.5, 0.0]]))
+    # just beyond the boundary the code q_min is used
+    assert quantize(torch.tensor([[-1.00001, 1.0]]), s, z, spec).tolist() == [[-8, 7]]
+    # the default rule: amax / 7, codes -7..7
+    d = QuantSpec(4, True, "channel")
+    s0, z0 = compute_qparams(w, d, "weight")
+    assert quantize(w, s0, z0, d).tolist() == [[-7, 3, 7, 0]]      # 0.5 / fp32(1/7) = 3.4999998
+    with pytest.raises(QuantConfigError, match="full_range"):
+        QuantSpec(4, False, "channel", full_range=True)
+    with pytest.raises(QuantConfigError, match="full_range"):
+        QuantSpec(4, True, "channel", fmt="nf4", full_range=True)
+
+
+def test_full_range_lowers_the_error_of_gaussian_weights_in_groups_of_64():
+    from morphoquant.numerics import QuantSpec, compute_qparams, dequantize, quantize
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 512, generator=g)
+    errs = {}
+    for fr in (False, True):
+        spec = QuantSpec(4, True, "group", 64, full_range=fr)
+        s, z = compute_qparams(w, spec, "weight")
+        errs[fr] = float((dequantize(quantize(w, s, z, spec), s, z, spec) - w).pow(2).mean())
+    assert errs[True] < 0.95 * errs[False]

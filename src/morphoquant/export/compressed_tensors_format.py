@@ -58,8 +58,11 @@ LAYOUT_CODEBOOK = "morphoquant-codebook"
 # ------------------------------------------------------------------------------------------------ records
 
 def _weight_dict(spec: QuantSpec) -> dict:
-    return {"num_bits": spec.bits, "type": spec.fmt, "symmetric": spec.symmetric, "strategy": spec.granularity,
-            "group_size": spec.group_size if spec.granularity == "group" else None}
+    d = {"num_bits": spec.bits, "type": spec.fmt, "symmetric": spec.symmetric, "strategy": spec.granularity,
+         "group_size": spec.group_size if spec.granularity == "group" else None}
+    if spec.full_range:       # how the scales were chosen; dequantization (s · q) does not depend on it
+        d["full_range"] = True
+    return d
 
 
 def _act_dict(act: ActivationConfig | None) -> dict | None:
@@ -119,7 +122,8 @@ def record_to_configs(rec: dict) -> tuple[QuantSpec, ActivationConfig | None]:
     try:
         w = rec["weights"]
         spec = QuantSpec(int(w["num_bits"]), bool(w["symmetric"]), w["strategy"],
-                         w["group_size"] if w["strategy"] == "group" else None, w["type"])
+                         w["group_size"] if w["strategy"] == "group" else None, w["type"],
+                         full_range=bool(w.get("full_range", False)))
         a = rec["input_activations"]
         act = None if a is None else ActivationConfig(
             QuantSpec(int(a["num_bits"]), bool(a["symmetric"]), a["strategy"]), bool(a["dynamic"]))

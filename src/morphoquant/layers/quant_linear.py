@@ -232,7 +232,7 @@ class QuantLinear(nn.Module):
             clip = self.act_clip if t is None else self.act_clip * t
             xc = torch.maximum(torch.minimum(x, clip), -clip) if clipped else x
             if spec.symmetric:     # same parameters as range_qparams, without the min/max pair
-                s = (xc.abs().amax(-1, keepdim=True) / spec.qmax).clamp_(min=MIN_SCALE)
+                s = (xc.abs().amax(-1, keepdim=True) / spec.symmetric_divisor).clamp_(min=MIN_SCALE)
                 z = torch.zeros(())
             else:
                 s, z = range_qparams(xc.amin(-1, keepdim=True), xc.amax(-1, keepdim=True), spec)

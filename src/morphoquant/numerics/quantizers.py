@@ -12,6 +12,7 @@ Uniform quantizer with step ``s`` and zero point ``z`` (Eq. 1 of the paper)::
     q = clamp(round(x / s) + z, q_min, q_max),     x̂ = s · (q − z)
 
 symmetric:  q ∈ [−2^(b−1), 2^(b−1) − 1],  s = max(|lo|, |hi|) / (2^(b−1) − 1),  z = 0
+            (``full_range``: s = max(|lo|, |hi|) / (2^(b−1) − ½): a finer step, ±amax on rounding boundaries)
 asymmetric: q ∈ [0, 2^b − 1],             s = (hi' − lo') / (2^b − 1),  z = round(−lo' / s),
             with lo' = min(lo, 0), hi' = max(hi, 0) so that 0 is exactly representable.
 
@@ -63,6 +64,11 @@ class QuantSpec:
     granularity: Granularity = "channel"
     group_size: int | None = None
     fmt: NumberFormat = "int"
+    full_range: bool = False
+    """Symmetric int only: ``s = amax / (q_max + ½)`` (the rule of compressed-tensors/llm-compressor): the grid
+    ``s·[q_min, q_max]`` then spans ``[−amax − ½s, amax − ½s]``, ±amax lie on rounding boundaries, the step is
+    finer (by 7 % at 4 bits) and values near +amax are clipped by at most half a step — in effect a mild clip
+    of the range. false: ``s = amax / q_max`` (nothing clipped, the code ``q_min`` never used)."""
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -77,6 +83,9 @@ class QuantSpec:
             raise QuantConfigError(f"unknown number format {self.fmt!r}; use int, nf4 or fp4")
         if self.fmt != "int" and (self.bits != 4 or not self.symmetric):
             raise QuantConfigError(f"{self.fmt} is a symmetric 4-bit code book: set bits=4, symmetric=true")
+        if self.full_range and (self.fmt != "int" or not self.symmetric):
+            raise QuantConfigError("full_range applies to symmetric int formats only: drop it or set "
+                                   "symmetric=true, format=int")
 
     @property
     def qmin(self) -> int:
@@ -85,6 +94,11 @@ class QuantSpec:
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
+
+    @property
+    def symmetric_divisor(self) -> float:
+        """``amax / s`` of the symmetric rule: ``q_max`` (or ``q_max + ½`` with ``full_range``)."""
+        return self.qmax + 0.5 if self.full_range else float(self.qmax)
 
     @property
     def code_dtype(self) -> torch.dtype:
@@ -145,7 +159,7 @@ def range_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[
         return (amax / denom).clamp(min=MIN_SCALE), torch.zeros_like(amax)
     if spec.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
-        return (amax / spec.qmax).clamp(min=MIN_SCALE), torch.zeros_like(amax)
+        return (amax / spec.symmetric_divisor).clamp(min=MIN_SCALE), torch.zeros_like(amax)
     lo0, hi0 = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     scale = ((hi0 - lo0) / (spec.qmax - spec.qmin)).clamp(min=MIN_SCALE)
     zero = torch.clamp(torch.round(-lo0 / scale) + spec.qmin, spec.qmin, spec.qmax)

@@ -36,6 +36,10 @@ class WeightArgs(_Strict):
     format: Literal["int", "nf4", "fp4"] = "int"
     allow_partial_groups: bool = False
     """Allow a last, shorter weight group when group_size does not divide the input width."""
+    full_range: bool = False
+    """Symmetric int weights: scale ``amax / (q_max + ½)`` (as compressed-tensors/llm-compressor do; a 7 % finer
+    step at 4 bits, values near +amax clipped by at most half a step) instead of ``amax / q_max``.
+    Dequantization is unchanged (``s · q``), so checkpoints and kernels are the same."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -47,7 +51,8 @@ class WeightArgs(_Strict):
 
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.symmetric, self.granularity,
-                         self.group_size if self.granularity == "group" else None, self.format)
+                         self.group_size if self.granularity == "group" else None, self.format,
+                         full_range=self.full_range)
 
 
 class ActivationArgs(_Strict):
