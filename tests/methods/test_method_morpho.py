@@ -170,3 +170,20 @@ def test_modality_scale_search_picks_wider_range_for_wider_modality():
     assert t[-1] == 1.0
     one, _ = search_modality_scales(x[ids == 0], ids[ids == 0], lo, hi, none, MorphoOptions(), SPEC, False)
     assert one is None
+
+
+def test_modal_recipe_equals_the_paper_recipe_on_text_only_models(run_recipe):
+    """On a text-only model every modality-aware extension is a no-op (one modality: balanced = pooled, the
+    per-modality outlier union is the pooled test, no per-modality range is searched), so `morpho-modal` gives
+    exactly the paper recipe's model — which is why it is not run separately on the text-only benchmarks."""
+    outs = []
+    for name in ("morpho", "morpho-modal"):
+        d = load_recipe(name).model_dump(mode="json")
+        d["name"] = "x"
+        d["description"] = ""
+        d["options"]["grid_points"] = 4
+        err, report, model = run_recipe("llama", d)
+        outs.append((err, {n: b.clone() for n, b in model.state_dict().items()}))
+    assert outs[0][0] == outs[1][0]
+    assert outs[0][1].keys() == outs[1][1].keys()
+    assert all(torch.equal(outs[0][1][k], outs[1][1][k]) for k in outs[0][1])
