@@ -154,13 +154,23 @@ def cmd_quantize(args) -> int:
         log.info("FP32 %s = %.4g", task.metric, fp_metrics[task.metric])
     calib_cache: dict = {}
     out_root = Path(args.out) if args.out else None
+    failures, recipe_failures = [], _recipe_failures()
     for recipe in recipes:
+        out = out_root / recipe.name if out_root else None
+        if args.cmd == "compare" and out and not args.overwrite and not args.no_eval:
+            prev = _finished_row(out, args.model, recipe, task)
+            if prev is not None:
+                log.info("== %s: finished earlier with the same recipe, data and task: row reused "
+                         "(--overwrite re-runs it)", recipe.name)
+                if fp_metrics and fp_metrics[task.metric]:
+                    prev["x_fp"] = prev[task.metric] / fp_metrics[task.metric]
+                rows.append(prev)
+                continue
         key = (recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed)
         if key not in calib_cache:
             calib_cache[key] = task.calibration_samples(*key)
         samples = calib_cache[key]
         qmodel = copy.deepcopy(model)
-        out = out_root / recipe.name if out_root else None
         if out:
             _check_out_dir(out, args.model, recipe.name, args.overwrite)
             out.mkdir(parents=True, exist_ok=True)
@@ -170,8 +180,19 @@ def cmd_quantize(args) -> int:
         log.info("== %s: %s", recipe.name, recipe.description.strip())
         # with --out, a checkpoint after every block: re-running the same command resumes an interrupted run
         resume_dir = out / ".resume" if out else None
-        report = quantize(qmodel, recipe, samples, log_path=out / "layers.jsonl" if out else None,
-                          progress=not args.quiet, resume_dir=resume_dir)
+        try:
+            report = quantize(qmodel, recipe, samples, log_path=out / "layers.jsonl" if out else None,
+                              progress=not args.quiet, resume_dir=resume_dir)
+        except recipe_failures as e:
+            if args.cmd != "compare":
+                raise
+            # one method that cannot run on this model must not cost the rest of the table
+            msg = str(e).splitlines()[0]
+            log.error("%s failed: %s", recipe.name, msg)
+            rows.append({"recipe": recipe.name, "error": f"{type(e).__name__}: {msg}"})
+            failures.append(recipe.name)
+            del qmodel
+            continue
         row = {"recipe": recipe.name, "calib_seconds": report.seconds, "peak_rss_mb": peak_rss_mb()}
         row.update(_bit_summary(report))
         if not args.no_eval:
@@ -195,11 +216,42 @@ def cmd_quantize(args) -> int:
         _write_compare(rows, recipes, task, args, Path(args.out))
     if out_root:
         _write_report(out_root)
+    if failures:
+        print("morphoquant: these recipes could not run (see the error column): " + ", ".join(failures),
+              file=sys.stderr)
+        return 4
     if args.cmd == "compare" and any(r.get("sanity") == "FAIL" for r in rows):
         print("morphoquant: W8A8 sanity check failed for: " +
               ", ".join(r["recipe"] for r in rows if r.get("sanity") == "FAIL"), file=sys.stderr)
         return 3
     return 0
+
+
+def _recipe_failures() -> tuple:
+    """Errors that mean "this method cannot run on this model" (compare records them and goes on)."""
+    from ..methods.channel_scaling import FoldVerificationError
+    from ..methods.quarot import UnsupportedRotationError
+    from ..numerics import QuantConfigError
+    from ..pipeline.recipe import RecipeError
+    from ..statistics import NonFiniteActivationError
+    return (RecipeError, UnsupportedRotationError, FoldVerificationError, NonFiniteActivationError, QuantConfigError)
+
+
+def _finished_row(out: Path, model_ref: str, recipe, task) -> dict | None:
+    """The table row of an earlier finished run in ``out`` of the same model, the same recipe (every setting,
+    calibration included) and the same evaluation task; None when anything differs or a file is missing."""
+    try:
+        run = json.loads((out / "run.json").read_text())
+        saved = (out / "recipe.yaml").read_text()
+        rep = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    task_now = json.loads(json.dumps(task.describe(), default=str))
+    if (run.get("model"), run.get("recipe")) != (model_ref, recipe.name) or saved != recipe.to_yaml() \
+            or rep.get("task") != task_now:
+        return None
+    row = rep.get("row") or {}
+    return dict(row) if row.get(task.metric) is not None else None
 
 
 def _write_run_outputs(out: Path, qmodel, proc, recipe, samples, args, row, fp_metrics, report, task) -> None:
@@ -275,6 +327,8 @@ def _write_compare(rows, recipes, task, args, out: Path) -> None:
                "outlier_channel_share": r.get("outlier_channel_share"), "calib_seconds": r.get("calib_seconds"),
                "peak_rss_mb": r.get("peak_rss_mb")}
         row.update({k: (r.get("metrics") or {}).get(k) for k in getattr(task, "table_metrics", ())})
+        if r.get("error"):
+            row["error"] = r["error"]
         if r["recipe"].endswith(SANITY_SUFFIX) and fp:
             worse = (r.get(metric) or 0) / fp if task.lower_is_better else fp / max(r.get(metric) or 1e-9, 1e-9)
             row["sanity"] = r["sanity"] = "ok" if worse <= 1 + SANITY_TOLERANCE else "FAIL"
@@ -283,7 +337,7 @@ def _write_compare(rows, recipes, task, args, out: Path) -> None:
             "versions": environment_versions()}
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "compare.json", {"meta": meta, "rows": table})
-    cols = list(table[0].keys()) + (["sanity"] if any("sanity" in t for t in table) else [])
+    cols = list(table[0].keys()) + [c for c in ("sanity", "error") if any(c in t for t in table)]
     buf = io.StringIO()
     wr = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     wr.writeheader()
@@ -378,6 +432,9 @@ def _print_table(rows, task, args) -> None:
     print("-" * len(hdr))
     for r in rows:
         val = r.get(metric)
+        if r.get("error"):
+            print(f"{r['recipe']:<22} failed: {r['error']}")
+            continue
         print(f"{r['recipe']:<22} {'-' if val is None else format(val, '10.3f'):>10} "
               f"{format(r['x_fp'], '7.2f') if r.get('x_fp') else '':>7} "
               f"{format(r['effective_act_bits'], '8.2f') if 'effective_act_bits' in r else '':>8} "
