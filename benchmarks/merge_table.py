@@ -92,6 +92,8 @@ def render(metric, lower, fp, cells, clashes, commands, title: str) -> str:
 
     def cell(fam, fmt):
         r = cells.get((fam, fmt))
+        if r is not None and r.get("error"):
+            return "n/a (" + r["error"].split(":", 1)[0] + ")"
         if r is None or r.get(metric) is None:
             return "–"
         v = float(r[metric])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 4's table for one model: every baseline and MorphoQuant recipe at W8A8, W4A8, W4A16 and W4A4, one
 # `morphoquant compare` per format (each writes OUT-FORMAT/compare.{md,csv,json}), then one merged table.
+# Re-running the same command reuses every recipe already finished (compare's row reuse), so it resumes.
 # usage: [THREADS=N] [FORMATS="w4a4 w8a8 ..."] benchmarks/run_table.sh [MODEL] [OUT]
 #        defaults: smollm2-135m, runs/table-MODEL; language models: 16 x 512 calibration, 8 x 512 evaluation
 #        windows; whisper: 16 calibration utterances, 16 + 8 evaluation utterances.
@@ -11,10 +12,11 @@ OUT=${2:-runs/table-$MODEL}
 FORMATS=${FORMATS:-"w4a4 w8a8 w4a8 w4a16"}
 T=benchmarks/table
 if [[ $MODEL == whisper* ]]; then
-  SIZE=(--calib 16 --eval-size 16); ROT=()          # QuaRot supports decoder-only language models only
+  SIZE=(--calib 16 --eval-size 16)
 else
-  SIZE=(--calib 16 --seq-len 512 --eval-size 8); ROT=(quarot-w4a4 quarot-gptq-w4a4)
+  SIZE=(--calib 16 --seq-len 512 --eval-size 8)
 fi
+ROT=(quarot-w4a4 quarot-gptq-w4a4)     # an error row where the model has no decoder QuaRot can rotate
 W4A4=(rtn-w4a4 rtn-w4a4-static smoothquant-w4a4 gptq-w4a4 "${ROT[@]}" mbq-w4a4 mquant-w4a4 osplus-w4a4
       morpho $T/morpho-gptq.yaml morpho-reference $T/morpho-reference-gptq.yaml morpho-modal morpho-plus
       $T/morpho-plus-rtn.yaml)
@@ -22,8 +24,9 @@ run() {   # FORMAT RECIPE...
   local fmt=$1; shift
   local args=()
   for r in "$@"; do args+=(-r "$r"); done
+  # exit 4 = some method could not run on this model (an error row in the table): keep going
   morphoquant ${THREADS:+--threads $THREADS} --quiet compare "$MODEL" "${args[@]}" "${SIZE[@]}" \
-    --out "$OUT-$fmt"
+    --out "$OUT-$fmt" || [[ $? == 4 ]]
 }
 dirs=()
 for fmt in $FORMATS; do
@@ -34,7 +37,7 @@ for fmt in $FORMATS; do
       for r in smoothquant-w4a4 gptq-w4a4 "${ROT[@]}" mbq-w4a4 mquant-w4a4 osplus-w4a4 morpho morpho-reference \
                morpho-plus; do rs+=("$r@$fmt"); done
       run $fmt "${rs[@]}" ;;
-    w4a16) run w4a16 rtn-w4a16 awq-w4a16 gptq-w4a16 ${ROT:+quarot-w4a4@w4a16 quarot-gptq-w4a4@w4a16} ;;
+    w4a16) run w4a16 rtn-w4a16 awq-w4a16 gptq-w4a16 quarot-w4a4@w4a16 quarot-gptq-w4a4@w4a16 ;;
     *) echo "unknown format $fmt (w4a4 w8a8 w4a8 w4a16)" >&2; exit 2 ;;
   esac
   dirs+=("$OUT-$fmt")

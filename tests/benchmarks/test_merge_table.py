@@ -70,3 +70,12 @@ def test_peer_rows_join_the_table(tmp_path):
     _write(tmp_path / "w", [{"recipe": "fp32", "wer": 0.2}], metric="wer")
     with pytest.raises(SystemExit, match="peer rows are wiki perplexities"):
         mt.main([str(out), str(tmp_path / "w"), "--peer", str(peer)])
+
+
+def test_error_rows_read_not_applicable(tmp_path):
+    _write(tmp_path / "a", [{"recipe": "fp32", "wer": 0.2},
+                            {"recipe": "quarot-w4a4", "weights": "W4g64", "activations": "A4-token", "wer": None,
+                             "error": "UnsupportedRotationError: no decoder"}], metric="wer")
+    out = tmp_path / "t.md"
+    mt.main([str(out), str(tmp_path / "a")])
+    assert "| quarot | – | – | – | n/a (UnsupportedRotationError) |" in out.read_text()
