@@ -288,17 +288,14 @@ def _sanity_recipes(recipes, overrides) -> list:
     """One W8A8 variant per method in the list: a method that collapses at W8A8 has a bug.
 
     ``overrides`` were already applied to ``recipes``; the variants inherit them."""
-    from ..pipeline.recipe import parse_recipe
+    from ..pipeline.recipe import parse_recipe, with_format
     out, seen = [], set()
     for r in recipes:
         if r.method in seen or r.name.endswith(SANITY_SUFFIX):
             continue
         seen.add(r.method)
-        data = r.model_dump(mode="json")
+        data = with_format(r.model_dump(mode="json"), "w8a8", r.name)
         data["name"] = f"{r.method}{SANITY_SUFFIX}"
-        data["weights"] = {**data["weights"], "bits": 8, "granularity": "channel", "group_size": None,
-                           "format": "int"}
-        data["activations"] = {**data["activations"], "bits": 8}
         out.append(parse_recipe(data, f"{r.name} (W8A8 sanity variant)"))
     return out
 
