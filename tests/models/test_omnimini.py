@@ -240,3 +240,14 @@ def test_answer_type_candidates():
     assert answer_type_candidates("circle") == ("circle", "rectangle", "triangle")
     with pytest.raises(ValueError, match="not an easy-VQA answer"):
         answer_type_candidates("maybe")
+
+
+def test_residual_stream_writers_cover_every_non_decoder_row(omni):
+    """Rows of the decoder stream come from the decoder's table, the extra embeddings and the two projectors:
+    the declared writers (for a rotation of the stream) are exactly those, all as wide as the stream."""
+    model, _ = omni
+    embeds, linears = model.residual_stream_writers()
+    assert embeds == [model.extra_embeddings] and linears == ["image_projector.fc2", "audio_projector.fc2"]
+    assert all(model.get_submodule(n).out_features == model.omni_config.text_hidden for n in linears)
+    assert model.get_output_embeddings() is model.language_model.lm_head
+    assert model.get_input_embeddings() is model.language_model.get_input_embeddings()

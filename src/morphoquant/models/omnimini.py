@@ -284,6 +284,18 @@ class OmniMiniForConditionalGeneration(nn.Module):
         return [self.audio_projector(stack_frames(f, k)) for f in frames]
 
     # -- embedding ---------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def residual_stream_writers(self) -> tuple[list[nn.Embedding], list[str]]:
+        """What writes rows into the decoder's residual stream besides its own embedding table (for a
+        rotation of the stream, ``x -> x Q``, which must rotate these too): the extra embedding table (OmniMini's
+        marker ids) and the names of the projector output linears (image and audio tokens)."""
+        return [self.extra_embeddings], ["image_projector.fc2", "audio_projector.fc2"]
+
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               input_features: torch.Tensor | None = None, feature_attention_mask: torch.Tensor | None = None,
               image_features: torch.Tensor | None = None,
