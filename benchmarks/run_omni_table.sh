@@ -34,9 +34,8 @@ for group in "${@:-table baselines calib formats}"; do
                -r morpho -r morpho-reference -r morpho-modal -r morpho-plus ;;
       baselines) run runs/omni-baselines -r smoothquant-w4a4 -r gptq-w4a4 -r quarot-w4a4 -r mbq-w4a4 \
                -r mquant-w4a4 ;;
-      formats) run runs/omni-formats -r morpho-modal@w4a8 -r morpho-plus@w4a8 -r quarot-w4a4@w4a8 \
-               -r smoothquant-w4a4@w4a8 -r gptq-w4a4@w4a8 -r mbq-w4a4@w4a8 -r mquant-w4a4@w4a8 \
-               -r morpho-modal@w8a8 -r morpho-plus@w8a8 -r quarot-w4a4@w8a8 ;;
+      formats) run runs/omni-formats -r morpho-modal@w4a8 -r morpho-plus@w4a8 -r smoothquant-w4a4@w4a8 \
+               -r gptq-w4a4@w4a8 -r mbq-w4a4@w4a8 -r mquant-w4a4@w4a8 -r morpho-modal@w8a8 -r morpho-plus@w8a8 ;;
       calib) for mods in image,text audio,text text; do
                run "runs/omni-calib-${mods//,/-}" -r morpho-modal -r morpho-plus --calib-modalities "$mods"
              done ;;
