@@ -18,3 +18,17 @@ def test_ablation_changes_one_thing(name):
     from morphoquant.methods.morpho import MorphoOptions
     a, b = MorphoOptions(**base.options).model_dump(), MorphoOptions(**r.options).model_dump()
     assert {k for k in a if a[k] != b[k]} == EXPECTED[name]
+
+
+PLUS = {"plus-sparse": {"dabc"}, "plus-budget-10": {"budget"}}
+
+
+@pytest.mark.parametrize("name", sorted(PLUS))
+def test_plus_variant_changes_one_thing(name):
+    from morphoquant.methods.morpho import MorphoOptions
+    base = load_recipe("morpho-plus")
+    r = load_recipe(ABL / f"{name}.yaml")
+    assert r.name == name and r.weights == base.weights and r.activations == base.activations
+    assert r.weight_method == base.weight_method and r.calibration == base.calibration
+    a, b = MorphoOptions(**base.options).model_dump(), MorphoOptions(**r.options).model_dump()
+    assert {k for k in a if a[k] != b[k]} == PLUS[name]
