@@ -4,7 +4,7 @@
 #   groups (default: all, in this order): table baselines calib formats
 #   table     FP, RTN W8A8/W4A8/W4A4/W4A4-static and the four MorphoQuant recipes       -> runs/omni-table
 #   baselines SmoothQuant, GPTQ, QuaRot, MBQ-style, MQuant-style at W4A4                  -> runs/omni-baselines
-#   formats   MorphoQuant and the baselines at W4A8 and W8A8 (RECIPE@FORMAT)              -> runs/omni-formats
+#   formats   MorphoQuant and two baselines at W4A8 (RECIPE@FORMAT)                      -> runs/omni-formats
 #   calib     morpho-modal / morpho-plus calibrated without audio, without image, on text only
 #             (the all-modalities rows are those of runs/omni-table)                       -> runs/omni-calib-*
 # Sizes: --eval-size EVAL scales the four tasks (EVAL image-QA, 3/4 EVAL spoken-QA, 3/8 EVAL transcriptions,
@@ -35,7 +35,7 @@ for group in "${@:-table baselines calib formats}"; do
       baselines) run runs/omni-baselines -r smoothquant-w4a4 -r gptq-w4a4 -r quarot-w4a4 -r mbq-w4a4 \
                -r mquant-w4a4 ;;
       formats) run runs/omni-formats -r morpho-modal@w4a8 -r morpho-plus@w4a8 -r smoothquant-w4a4@w4a8 \
-               -r gptq-w4a4@w4a8 -r mbq-w4a4@w4a8 -r mquant-w4a4@w4a8 -r morpho-modal@w8a8 -r morpho-plus@w8a8 ;;
+               -r mbq-w4a4@w4a8 ;;
       calib) for mods in image,text audio,text text; do
                run "runs/omni-calib-${mods//,/-}" -r morpho-modal -r morpho-plus --calib-modalities "$mods"
              done ;;
