@@ -32,3 +32,11 @@ def test_plus_variant_changes_one_thing(name):
     assert r.weight_method == base.weight_method and r.calibration == base.calibration
     a, b = MorphoOptions(**base.options).model_dump(), MorphoOptions(**r.options).model_dump()
     assert {k for k in a if a[k] != b[k]} == PLUS[name]
+
+
+def test_reference_int4_variant_changes_only_the_weight_format():
+    base = load_recipe("morpho-reference")
+    r = load_recipe(ABL / "ref-int4.yaml")
+    assert r.options == base.options and r.activations == base.activations
+    assert (base.weights.format, r.weights.format) == ("nf4", "int")
+    assert r.weights.model_dump(exclude={"format"}) == base.weights.model_dump(exclude={"format"})
