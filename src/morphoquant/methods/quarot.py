@@ -201,6 +201,17 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value.to(param.dtype))
 
 
+def _tower_outputs(model: nn.Module) -> list[str]:
+    """Names of the tower output linears (:data:`TOWER_OUTPUTS`); every tower root must have one."""
+    towers = [name for name, mod in model.named_modules()
+              if isinstance(mod, nn.Linear) and any(name == s or name.endswith("." + s) for s in TOWER_OUTPUTS)]
+    for r in [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in TOWER_ROOTS]:
+        if not any(t.startswith(r + ".") for t in towers):
+            raise UnsupportedRotationError(f"tower {r} writes into the decoder stream through a module this "
+                                           "rotation does not know")
+    return towers
+
+
 @torch.no_grad()
 def rotate_model(model: nn.Module, stacks, seed: int = 0, online_down_proj: bool = True, rotate_ov: bool = True,
                  max_block: int = 512) -> dict:
@@ -232,18 +243,14 @@ def rotate_model(model: nn.Module, stacks, seed: int = 0, online_down_proj: bool
         if not _norm_checks(norm):
             raise UnsupportedRotationError(f"{type(norm).__name__} is not a plain RMSNorm (γ·x/rms(x))")
     hidden = embed.weight.shape[1]
-    # tower outputs writing into the stream
-    towers = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and any(name == s or name.endswith("." + s) for s in TOWER_OUTPUTS):
-            if mod.out_features != hidden:
-                raise UnsupportedRotationError(f"{name} writes {mod.out_features} channels, the stream has {hidden}")
-            towers.append(name)
-    roots = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in TOWER_ROOTS]
-    for r in roots:
-        if not any(t.startswith(r + ".") for t in towers):
-            raise UnsupportedRotationError(f"tower {r} writes into the decoder stream through a module this "
-                                           "rotation does not know")
+    # what else writes into the stream: declared by the model (extra embedding tables, tower output linears)
+    # or, for the Qwen2.5-Omni layout, found by name
+    declared = getattr(model, "residual_stream_writers", None)
+    extra_embeds, towers = declared() if declared is not None else ([], _tower_outputs(model))
+    for name in towers:
+        if model.get_submodule(name).out_features != hidden:
+            raise UnsupportedRotationError(f"{name} writes {model.get_submodule(name).out_features} channels, "
+                                           f"the stream has {hidden}")
     # untie
     if head.weight is embed.weight:
         head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
@@ -270,6 +277,8 @@ def rotate_model(model: nn.Module, stacks, seed: int = 0, online_down_proj: bool
             _set(lin.bias, r.rows(lin.bias.detach().reshape(1, -1)).reshape(-1))
 
     _set(embed.weight, r.rows(embed.weight.detach()))
+    for e in extra_embeds:
+        _set(e.weight, r.rows(e.weight.detach()))
     for name in towers:
         write(model.get_submodule(name))
     fold_norm(final_norm, [head])
