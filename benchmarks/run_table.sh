@@ -18,7 +18,7 @@ else
 fi
 ROT=(quarot-w4a4 quarot-gptq-w4a4)     # an error row where the model has no decoder QuaRot can rotate
 W4A4=(rtn-w4a4 rtn-w4a4-static smoothquant-w4a4 gptq-w4a4 "${ROT[@]}" mbq-w4a4 mquant-w4a4 osplus-w4a4
-      morpho $T/morpho-gptq.yaml morpho-reference $T/morpho-reference-gptq.yaml morpho-modal morpho-plus
+      morpho $T/morpho-gptq.yaml morpho-reference morpho-reference-gptq morpho-modal morpho-plus
       $T/morpho-plus-rtn.yaml)
 run() {   # FORMAT RECIPE...
   local fmt=$1; shift
