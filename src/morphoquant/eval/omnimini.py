@@ -95,7 +95,7 @@ class OmniMiniTask(Task):
         mods = sorted({m for k in self.calib_kinds for m in KIND_MODALITIES[k]}, key=CALIB_MODALITIES.index)
         return {**super().describe(), "sizes": self.sizes, "calib_kinds": list(self.calib_kinds),
                 "calib_modalities": mods,
-                "answer_selection": "scoring of the 13 candidate answers (sum of token log-probs)"}
+                "answer_selection": "scoring of the candidate answers of the question's type (sum of token log-probs)"}
 
     def restrict_calibration_modalities(self, modalities) -> tuple[str, ...]:
         """Calibrate only on documents holding tokens of ``modalities`` (see :func:`calib_kinds_for_modalities`);
