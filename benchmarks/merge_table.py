@@ -49,7 +49,7 @@ def collect(run_dirs: list[Path], peer: Path | None = None):
         metric = metric or task.get("metric")
         if metric is None:
             raise SystemExit(f"merge_table: {f} names no task metric")
-        lower = not metric.endswith(("accuracy", "score"))
+        lower = not metric.endswith(("acc", "accuracy", "score"))   # omni_acc, vqa_acc: higher is better
         for r in data["rows"]:
             if r["recipe"] == "fp32":
                 fp = r.get(metric)
