@@ -171,3 +171,63 @@ def test_modality_kl_is_zero_against_itself_and_causal(omni):
     rows = s["input_ids"][0] == cfg.audio_token_id
     want = torch.nn.functional.kl_div(q[rows], p[rows], log_target=True, reduction="sum") / int(rows.sum())
     assert abs(kl["kl_audio"] - float(want)) < 1e-9
+
+
+def _spoken_task(proc, answers=("yes", "red")):
+    """A task whose spoken-QA items are tiny image + audio + text prompts (no other task)."""
+    task = OmniMiniTask(proc, sizes={"image_qa": 0, "spoken_qa": len(answers), "asr": 0, "wiki_windows": 0})
+    items = []
+    for i, a in enumerate(answers):
+        s = proc("<image>Q:<audio>A:" + "x" * i, images=[np.zeros((64, 64, 3), np.uint8)],
+                 audios=[FakeSpeech(0.5).waveform()])
+        items.append((OmniExample("spoken_qa", (("<image>\nQ: <audio>\nA:", False),), answer=a), s))
+    task._cache["spoken_qa"] = items
+    return task
+
+
+def _count_forwards(model):
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_evaluate_with_reference_runs_each_model_once_per_prompt_and_caches_the_reference(omni):
+    """One forward of the evaluated model per spoken-QA prompt (KL and answer scoring share it: multi-token
+    candidates add cached continuation steps only), the reference's log-probs computed once across evaluated
+    models, and the same numbers as the separate, uncached computations."""
+    import copy
+
+    model, proc = omni
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.audio_projector.fc2.weight.mul_(2.0)
+    task = _spoken_task(proc)
+    ref_calls, h_ref = _count_forwards(model)
+    got = task.evaluate(other, reference=model)
+    again = task.evaluate(other, reference=model)
+    h_ref.remove()
+    assert len(ref_calls) == 2                               # 2 prompts, once: the second evaluate used the cache
+    assert got == {**again, "kl_seconds": got["kl_seconds"], "spoken_vqa_acc_seconds": got["spoken_vqa_acc_seconds"]}
+
+    plain = _spoken_task(proc)
+    plain.kl_cache_mb = 0.0                                  # nothing cached: the reference re-runs every time
+    want = plain.modality_kl(other, model)
+    want_acc = plain.evaluate_kind(other, "spoken_qa")["spoken_vqa_acc"]
+    for m in ("text", "image", "audio"):
+        assert abs(got[f"kl_{m}"] - want[f"kl_{m}"]) < 1e-9 and got[f"kl_{m}_rows"] == want[f"kl_{m}_rows"]
+    assert got["spoken_vqa_acc"] == want_acc
+    assert "reference_logprobs" not in plain._cache or not plain._cache["reference_logprobs"][2]
+
+
+def test_reference_cache_is_dropped_when_the_reference_changes(omni):
+    """An in-place edit of the reference's weights (or another reference model) invalidates the cache."""
+    import copy
+
+    model, proc = omni
+    ref = copy.deepcopy(model)
+    task = _spoken_task(proc, answers=("no",))
+    assert task.modality_kl(model, ref)["kl_audio"] == 0.0
+    with torch.no_grad():
+        ref.audio_projector.fc2.weight.mul_(3.0)            # in place: same tensors, new version
+    assert task.modality_kl(model, ref)["kl_audio"] > 0
+    assert task.modality_kl(model, model)["kl_audio"] == 0.0  # another reference object

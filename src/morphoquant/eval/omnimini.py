@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import time
+import weakref
 
 import torch
 from torch import nn
@@ -151,10 +152,12 @@ class OmniMiniTask(Task):
         return self._cache["candidates"]
 
     @torch.no_grad()
-    def choose_answer(self, model: nn.Module, sample: Sample, allowed: tuple[str, ...] | None = None) -> str:
+    def choose_answer(self, model: nn.Module, sample: Sample, allowed: tuple[str, ...] | None = None,
+                      prompt_out=None) -> str:
         """The candidate answer (among ``allowed``, default all) with the highest total log-probability after
-        the prompt."""
-        out = model(**sample, use_cache=True, logits_to_keep=1)
+        the prompt. ``prompt_out``: the model's output on ``sample`` with ``use_cache=True``, if already computed
+        (its last position's logits and its cache are used; it is not modified)."""
+        out = prompt_out if prompt_out is not None else model(**sample, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[0, -1].float(), -1)
         best, best_score = None, -float("inf")
         for answer, ids in self._candidates():
@@ -217,35 +220,95 @@ class OmniMiniTask(Task):
             return {"wiki_ppl": res.ppl, "wiki_tokens": res.tokens, "wiki_seconds": time.time() - t}
         raise ValueError(f"unknown OmniMini task {kind!r}")
 
+    # -- per-modality fidelity ---------------------------------------------------------------------
+    kl_cache_mb: float = 1024.0
+    """Largest size of the cached reference logits (fp32, prompt rows x vocabulary: about 180 MB for the 18
+    spoken-QA prompts of ``--eval-size 24``); prompts beyond it re-run the reference for every evaluated model."""
+
+    @staticmethod
+    def _weights_key(model: nn.Module) -> tuple:
+        # identity and in-place version of every tensor: a swapped module or an in-place edit changes the key
+        return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+
+    def _reference_logprobs(self, reference: nn.Module, index: int, sample: Sample) -> torch.Tensor:
+        """``log_softmax`` (fp64) of the reference's logits on spoken-QA prompt ``index``; the logits are cached
+        across evaluated models while the reference's weights are unchanged and the cache fits
+        :attr:`kl_cache_mb`."""
+        key = self._weights_key(reference)
+        cached = self._cache.get("reference_logprobs")
+        if cached is None or cached[0]() is not reference or cached[1] != key:
+            cached = self._cache["reference_logprobs"] = (weakref.ref(reference), key, {})
+        store = cached[2]
+        # the fp32 logits are cached (exactly what the model returns): the numbers equal the uncached ones
+        logits = store.get(index)
+        if logits is None:
+            logits = reference(**sample).logits[0]
+            used = sum(t.numel() * t.element_size() for t in store.values())
+            if used + logits.numel() * logits.element_size() <= self.kl_cache_mb * 2 ** 20:
+                store[index] = logits
+        return torch.log_softmax(logits.double(), -1)
+
+    def _kl_rows(self, logits: torch.Tensor, reference: nn.Module, index: int, sample: Sample) -> dict:
+        """Summed ``KL(reference || model)`` and row count per input-token modality of one prompt."""
+        cfg = self.processor.config
+        lp_ref = self._reference_logprobs(reference, index, sample)
+        lp = torch.log_softmax(logits[0].double(), -1)
+        kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
+        ids = sample["input_ids"][0]
+        out = {}
+        for name, sel in (("image", ids == cfg.image_token_id), ("audio", ids == cfg.audio_token_id),
+                          ("text", (ids != cfg.image_token_id) & (ids != cfg.audio_token_id))):
+            out[name] = (float(kl[sel].sum()), int(sel.sum()))
+        return out
+
+    @staticmethod
+    def _kl_means(total: dict, rows: dict, seconds: float) -> dict:
+        out = {f"kl_{m}": total[m] / rows[m] for m in total if rows[m]}
+        out.update({f"kl_{m}_rows": rows[m] for m in total}, kl_seconds=seconds)
+        return out
+
     @torch.no_grad()
     def modality_kl(self, model: nn.Module, reference: nn.Module) -> dict:
         """Mean ``KL(reference || model)`` of the next-token distributions per input-token modality, over the
         spoken-QA prompts (see module docstring)."""
         t = time.time()
-        cfg = self.processor.config
         total = {"text": 0.0, "image": 0.0, "audio": 0.0}
         rows = dict.fromkeys(total, 0)
-        for _, s in self._items("spoken_qa"):
-            lp_ref = torch.log_softmax(reference(**s).logits[0].double(), -1)
-            lp = torch.log_softmax(model(**s).logits[0].double(), -1)
-            kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
-            ids = s["input_ids"][0]
-            for name, sel in (("image", ids == cfg.image_token_id), ("audio", ids == cfg.audio_token_id),
-                              ("text", (ids != cfg.image_token_id) & (ids != cfg.audio_token_id))):
-                total[name] += float(kl[sel].sum())
-                rows[name] += int(sel.sum())
-        out = {f"kl_{m}": total[m] / rows[m] for m in total if rows[m]}
-        out.update({f"kl_{m}_rows": rows[m] for m in total}, kl_seconds=time.time() - t)
-        return out
+        for i, (_, s) in enumerate(self._items("spoken_qa")):
+            for m, (kl, n) in self._kl_rows(model(**s).logits, reference, i, s).items():
+                total[m] += kl
+                rows[m] += n
+        return self._kl_means(total, rows, time.time() - t)
+
+    @torch.no_grad()
+    def _spoken_qa_with_kl(self, model: nn.Module, reference: nn.Module) -> dict:
+        """Spoken-QA accuracy and the per-modality KL from ONE forward of ``model`` per prompt (full logits for
+        the KL, the same output's last position and cache for the answer scoring)."""
+        from ..data.omnimini import answer_type_candidates
+        t = time.time()
+        total = {"text": 0.0, "image": 0.0, "audio": 0.0}
+        rows = dict.fromkeys(total, 0)
+        right = 0
+        items = self._items("spoken_qa")
+        for i, (e, s) in enumerate(items):
+            out = model(**s, use_cache=True)
+            for m, (kl, n) in self._kl_rows(out.logits, reference, i, s).items():
+                total[m] += kl
+                rows[m] += n
+            right += self.choose_answer(model, s, answer_type_candidates(e.answer), prompt_out=out) == e.answer
+        seconds = time.time() - t
+        return {**self._kl_means(total, rows, seconds), "spoken_vqa_acc": right / len(items),
+                "spoken_vqa_acc_n": len(items), "spoken_vqa_acc_seconds": seconds}
 
     def evaluate(self, model, reference=None, progress=False):
         out: dict = {}
-        if reference is not None and reference is not model and self.sizes["spoken_qa"]:
-            out.update(self.modality_kl(model, reference))
+        with_kl = reference is not None and reference is not model and self.sizes["spoken_qa"]
+        if with_kl:
+            out.update(self._spoken_qa_with_kl(model, reference))
         for kind in ("image_qa", "spoken_qa", "asr", "wiki"):
             if kind == "wiki" and not self.sizes["wiki_windows"]:
                 continue
-            if kind != "wiki" and not self.sizes[kind]:
+            if (kind != "wiki" and not self.sizes[kind]) or (kind == "spoken_qa" and with_kl):
                 continue
             out.update(self.evaluate_kind(model, kind, progress))
         parts = [out.get("vqa_acc"), out.get("spoken_vqa_acc"),
