@@ -2,14 +2,10 @@
 the per-task table columns. Data loaders are replaced by tiny fakes (no easy-VQA, no espeak-ng): milliseconds."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM, WhisperConfig
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 import morphoquant.data as data_module
 import morphoquant.data.omnimini as omni_data
@@ -21,18 +17,7 @@ from morphoquant.eval.omnimini import (
     sizes_for_eval_size,
 )
 from morphoquant.eval.tasks import task_for
-from morphoquant.models.omnimini import OmniMiniConfig, OmniMiniForConditionalGeneration, OmniMiniProcessor
-
-V = 128
-
-
-class CharTokenizer:
-    """One id per character (``ord % 120 + 1``)."""
-
-    eos_token_id = 0
-
-    def __call__(self, text, add_special_tokens=False):
-        return SimpleNamespace(input_ids=[ord(c) % 120 + 1 for c in text])
+from morphoquant.models.tiny import tiny_omnimini
 
 
 class FakeSpeech:
@@ -45,18 +30,7 @@ class FakeSpeech:
 
 @pytest.fixture(scope="module")
 def omni():
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512)).eval()
-    vision = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=64, patch_size=14, image_size=56)).eval()
-    audio = WhisperEncoder(WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2,
-                                         encoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500)).eval()
-    cfg = OmniMiniConfig(vocab_size=V, text_hidden=64, image_hidden=32, audio_hidden=32, image_size=56,
-                         image_projector_hidden=48, audio_projector_hidden=48)
-    return (OmniMiniForConditionalGeneration.from_parts(lm, vision, audio, config=cfg),
-            OmniMiniProcessor(CharTokenizer(), cfg))
+    return tiny_omnimini(layers=1)
 
 
 @pytest.fixture

@@ -3,60 +3,30 @@ stacking, projector shapes, text-only equivalence with the decoder, save/load, c
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM, WhisperConfig
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from morphoquant.models import get_adapter
 from morphoquant.models.omnimini import (
     OmniMiniAdapter,
-    OmniMiniConfig,
     OmniMiniError,
     OmniMiniForConditionalGeneration,
-    OmniMiniProcessor,
     load_projectors,
     pool_patches,
     save_projectors,
     stack_frames,
 )
+from morphoquant.models.tiny import OMNIMINI_VOCAB, tiny_omnimini
 from morphoquant.statistics.modality import PAD, Modality
 
-V = 128
-
-
-class CharTokenizer:
-    """Byte-level stand-in for the SmolLM2 tokenizer: one id per character (``ord % 120 + 1``)."""
-
-    eos_token_id = 0
-
-    def __call__(self, text, add_special_tokens=False):
-        return SimpleNamespace(input_ids=[ord(c) % 120 + 1 for c in text])
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i - 1) if 32 <= i - 1 < 121 else "?" for i in ids)
-
-    def convert_tokens_to_ids(self, token):
-        return 0
+V = OMNIMINI_VOCAB
 
 
 @pytest.fixture(scope="module")
 def omni():
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512)).eval()
-    vision = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=64, patch_size=14, image_size=56)).eval()
-    audio = WhisperEncoder(WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2,
-                                         encoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500)).eval()
-    cfg = OmniMiniConfig(vocab_size=V, text_hidden=64, image_hidden=32, audio_hidden=32, image_size=56,
-                         image_projector_hidden=48, audio_projector_hidden=48)
-    model = OmniMiniForConditionalGeneration.from_parts(lm, vision, audio, config=cfg)
-    return model, OmniMiniProcessor(CharTokenizer(), cfg)
+    return tiny_omnimini(layers=2, tower_layers=2)
 
 
 def wave(seconds: float, seed: int = 0) -> np.ndarray:

@@ -303,7 +303,50 @@ def tiny_model(arch: str, seed: int = 0) -> tuple[nn.Module, SampleFactory]:
     return model, factory
 
 
+class CharTokenizer:
+    """Byte-level stand-in for a text tokenizer (no files): one id per character, ``ord(c) % 120 + 1``; id 0
+    is the end token. Enough for the OmniMini processor and task."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        from types import SimpleNamespace
+        return SimpleNamespace(input_ids=[ord(c) % 120 + 1 for c in text])
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i - 1) if 32 <= i - 1 < 121 else "?" for i in ids)
+
+    def convert_tokens_to_ids(self, token):
+        return 0
+
+
+OMNIMINI_VOCAB = 128
+
+
+def tiny_omnimini(layers: int = 2, tower_layers: int = 1, tie_word_embeddings: bool = False, seed: int = 0):
+    """A tiny random OmniMini (Llama decoder of width 64, DINOv2 and Whisper-encoder towers of width 32, 56-pixel
+    images: 4 image tokens) and its processor with a :class:`CharTokenizer`; vocabulary
+    :data:`OMNIMINI_VOCAB`. Deterministic in ``seed``; the global RNG state is left as it was."""
+    from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM, WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from .omnimini import OmniMiniConfig, OmniMiniForConditionalGeneration, OmniMiniProcessor
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=OMNIMINI_VOCAB, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                          tie_word_embeddings=tie_word_embeddings, max_position_embeddings=512))
+        vision = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=tower_layers, num_attention_heads=2,
+                                          intermediate_size=64, patch_size=14, image_size=56))
+        audio = WhisperEncoder(WhisperConfig(d_model=32, encoder_layers=tower_layers, encoder_attention_heads=2,
+                                             encoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500))
+        cfg = OmniMiniConfig(vocab_size=OMNIMINI_VOCAB, text_hidden=64, image_hidden=32, audio_hidden=32,
+                             image_size=56, image_projector_hidden=48, audio_projector_hidden=48)
+        model = OmniMiniForConditionalGeneration.from_parts(lm.eval(), vision.eval(), audio.eval(), config=cfg)
+    return model.float().eval(), OmniMiniProcessor(CharTokenizer(), cfg)
+
+
 __all__ = [
-    "AUDIO_TOKEN", "EXTRA_ARCHS", "IMAGE_TOKEN", "PAD_TOKEN", "TINY_ARCHS", "VIDEO_TOKEN", "audio_tokens",
-    "sample_factory", "tiny_model",
+    "AUDIO_TOKEN", "EXTRA_ARCHS", "IMAGE_TOKEN", "OMNIMINI_VOCAB", "PAD_TOKEN", "TINY_ARCHS", "VIDEO_TOKEN",
+    "CharTokenizer", "audio_tokens", "sample_factory", "tiny_model", "tiny_omnimini",
 ]
