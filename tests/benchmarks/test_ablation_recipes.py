@@ -40,3 +40,13 @@ def test_reference_int4_variant_changes_only_the_weight_format():
     assert r.options == base.options and r.activations == base.activations
     assert (base.weights.format, r.weights.format) == ("nf4", "int")
     assert r.weights.model_dump(exclude={"format"}) == base.weights.model_dump(exclude={"format"})
+
+
+def test_reference_gptq_grid_variant_changes_only_the_clip_search():
+    from morphoquant.methods.morpho import MorphoOptions
+    base = load_recipe("morpho-reference-gptq")
+    r = load_recipe(ABL / "ref-gptq-grid03.yaml")
+    assert r.weights == base.weights and r.activations == base.activations and r.weight_method == "gptq"
+    a, b = MorphoOptions(**base.options).model_dump(), MorphoOptions(**r.options).model_dump()
+    assert {k for k in a if a[k] != b[k]} == {"grid_points", "grid_low", "grid_spacing", "accumulate"}
+    assert (b["grid_low"], b["grid_points"], b["grid_spacing"], b["accumulate"]) == (0.3, 30, "linear", "sum")
