@@ -190,7 +190,7 @@ def test_evaluate_with_reference_runs_each_model_once_per_prompt_and_caches_the_
     for m in ("text", "image", "audio"):
         assert abs(got[f"kl_{m}"] - want[f"kl_{m}"]) < 1e-9 and got[f"kl_{m}_rows"] == want[f"kl_{m}_rows"]
     assert got["spoken_vqa_acc"] == want_acc
-    assert "reference_logprobs" not in plain._cache or not plain._cache["reference_logprobs"][2]
+    assert "reference_logits" not in plain._cache or not plain._cache["reference_logits"][2]
 
 
 def test_reference_cache_is_dropped_when_the_reference_changes(omni):

@@ -230,16 +230,19 @@ class OmniMiniTask(Task):
         # identity and in-place version of every tensor: a swapped module or an in-place edit changes the key
         return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
 
-    def _reference_logprobs(self, reference: nn.Module, index: int, sample: Sample) -> torch.Tensor:
-        """``log_softmax`` (fp64) of the reference's logits on spoken-QA prompt ``index``; the logits are cached
-        across evaluated models while the reference's weights are unchanged and the cache fits
-        :attr:`kl_cache_mb`."""
+    def _reference_store(self, reference: nn.Module) -> dict:
+        """The cache of the reference's logits per spoken-QA prompt: kept across evaluated models while the
+        reference object and its weights are unchanged, emptied otherwise."""
         key = self._weights_key(reference)
-        cached = self._cache.get("reference_logprobs")
+        cached = self._cache.get("reference_logits")
         if cached is None or cached[0]() is not reference or cached[1] != key:
-            cached = self._cache["reference_logprobs"] = (weakref.ref(reference), key, {})
-        store = cached[2]
-        # the fp32 logits are cached (exactly what the model returns): the numbers equal the uncached ones
+            cached = self._cache["reference_logits"] = (weakref.ref(reference), key, {})
+        return cached[2]
+
+    def _reference_logprobs(self, reference: nn.Module, store: dict, index: int, sample: Sample) -> torch.Tensor:
+        """``log_softmax`` (fp64) of the reference's logits on prompt ``index``, from ``store`` when cached; new
+        logits are cached while the store fits :attr:`kl_cache_mb` (fp32 logits exactly as the model returns
+        them, so the numbers equal the uncached ones)."""
         logits = store.get(index)
         if logits is None:
             logits = reference(**sample).logits[0]
@@ -248,63 +251,49 @@ class OmniMiniTask(Task):
                 store[index] = logits
         return torch.log_softmax(logits.double(), -1)
 
-    def _kl_rows(self, logits: torch.Tensor, reference: nn.Module, index: int, sample: Sample) -> dict:
-        """Summed ``KL(reference || model)`` and row count per input-token modality of one prompt."""
-        cfg = self.processor.config
-        lp_ref = self._reference_logprobs(reference, index, sample)
-        lp = torch.log_softmax(logits[0].double(), -1)
-        kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
-        ids = sample["input_ids"][0]
-        out = {}
-        for name, sel in (("image", ids == cfg.image_token_id), ("audio", ids == cfg.audio_token_id),
-                          ("text", (ids != cfg.image_token_id) & (ids != cfg.audio_token_id))):
-            out[name] = (float(kl[sel].sum()), int(sel.sum()))
-        return out
-
-    @staticmethod
-    def _kl_means(total: dict, rows: dict, seconds: float) -> dict:
-        out = {f"kl_{m}": total[m] / rows[m] for m in total if rows[m]}
-        out.update({f"kl_{m}_rows": rows[m] for m in total}, kl_seconds=seconds)
-        return out
-
     @torch.no_grad()
-    def modality_kl(self, model: nn.Module, reference: nn.Module) -> dict:
-        """Mean ``KL(reference || model)`` of the next-token distributions per input-token modality, over the
-        spoken-QA prompts (see module docstring)."""
-        t = time.time()
-        total = {"text": 0.0, "image": 0.0, "audio": 0.0}
-        rows = dict.fromkeys(total, 0)
-        for i, (_, s) in enumerate(self._items("spoken_qa")):
-            for m, (kl, n) in self._kl_rows(model(**s).logits, reference, i, s).items():
-                total[m] += kl
-                rows[m] += n
-        return self._kl_means(total, rows, time.time() - t)
-
-    @torch.no_grad()
-    def _spoken_qa_with_kl(self, model: nn.Module, reference: nn.Module) -> dict:
-        """Spoken-QA accuracy and the per-modality KL from ONE forward of ``model`` per prompt (full logits for
-        the KL, the same output's last position and cache for the answer scoring)."""
+    def _kl_pass(self, model: nn.Module, reference: nn.Module, score_answers: bool) -> dict:
+        """Mean ``KL(reference || model)`` per input-token modality over the spoken-QA prompts, from ONE forward
+        of ``model`` per prompt; with ``score_answers`` the same forward's last position and cache also choose
+        the answer (``spoken_vqa_acc``)."""
         from ..data.omnimini import answer_type_candidates
         t = time.time()
+        cfg = self.processor.config
+        store = self._reference_store(reference)
         total = {"text": 0.0, "image": 0.0, "audio": 0.0}
         rows = dict.fromkeys(total, 0)
         right = 0
         items = self._items("spoken_qa")
         for i, (e, s) in enumerate(items):
-            out = model(**s, use_cache=True)
-            for m, (kl, n) in self._kl_rows(out.logits, reference, i, s).items():
-                total[m] += kl
-                rows[m] += n
-            right += self.choose_answer(model, s, answer_type_candidates(e.answer), prompt_out=out) == e.answer
+            out = model(**s, use_cache=True) if score_answers else model(**s)
+            lp_ref = self._reference_logprobs(reference, store, i, s)
+            lp = torch.log_softmax(out.logits[0].double(), -1)
+            kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
+            ids = s["input_ids"][0]
+            for name, sel in (("image", ids == cfg.image_token_id), ("audio", ids == cfg.audio_token_id),
+                              ("text", (ids != cfg.image_token_id) & (ids != cfg.audio_token_id))):
+                total[name] += float(kl[sel].sum())
+                rows[name] += int(sel.sum())
+            if score_answers:
+                right += self.choose_answer(model, s, answer_type_candidates(e.answer), prompt_out=out) == e.answer
         seconds = time.time() - t
-        return {**self._kl_means(total, rows, seconds), "spoken_vqa_acc": right / len(items),
-                "spoken_vqa_acc_n": len(items), "spoken_vqa_acc_seconds": seconds}
+        res = {f"kl_{m}": total[m] / rows[m] for m in total if rows[m]}
+        res.update({f"kl_{m}_rows": rows[m] for m in total}, kl_seconds=seconds)
+        if score_answers:
+            res.update(spoken_vqa_acc=right / len(items), spoken_vqa_acc_n=len(items),
+                       spoken_vqa_acc_seconds=seconds)
+        return res
+
+    def modality_kl(self, model: nn.Module, reference: nn.Module) -> dict:
+        """Mean ``KL(reference || model)`` of the next-token distributions per input-token modality, over the
+        spoken-QA prompts (see module docstring)."""
+        return self._kl_pass(model, reference, score_answers=False)
 
     def evaluate(self, model, reference=None, progress=False):
         out: dict = {}
         with_kl = reference is not None and reference is not model and self.sizes["spoken_qa"]
         if with_kl:
-            out.update(self._spoken_qa_with_kl(model, reference))
+            out.update(self._kl_pass(model, reference, score_answers=True))
         for kind in ("image_qa", "spoken_qa", "asr", "wiki"):
             if kind == "wiki" and not self.sizes["wiki_windows"]:
                 continue
