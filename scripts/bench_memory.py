@@ -69,7 +69,7 @@ def _child(args) -> int:
         recipe = load_recipe(args.recipe)
         recipe.offload = args.variant == "api-offload"
         t = time.time()
-        report = quantize(model, recipe, samples, progress=False)
+        report = quantize(model, recipe, samples, progress=False, log_path=args.log)
         _mark("quantized", seconds=time.time() - t, report_peak_rss_mb=report.peak_rss_mb)
     _mark("end", ru_maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return 0
@@ -111,6 +111,8 @@ def _command(args, variant: str) -> list[str]:
            "--calib", str(args.calib), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
     if args.tiny:
         cmd += ["--tiny", args.tiny]
+    if args.log:
+        cmd += ["--log", args.log]
     return cmd
 
 
@@ -190,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--interval", type=float, default=0.05, help="RSS sampling period (s)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--cli-output", action="store_true", help="keep the CLI's printed table in the results")
+    p.add_argument("--log", default=None,
+                   help="per-layer JSON-lines log of the quantization (api variants): follow a long run's progress")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
