@@ -145,8 +145,11 @@ def base_interval(lo: torch.Tensor, hi: torch.Tensor, outliers: torch.Tensor, ru
 def fake_channel(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Static per-channel quantize-dequantize of ``x[N, C]`` with ranges ``[lo_c, hi_c]``."""
     s, z = range_qparams(lo, hi, spec)
-    q = torch.clamp(torch.round(x / s) + z, spec.qmin, spec.qmax)
-    return s * (q - z)
+    # in place on one buffer: the search calls this grid × layers times on [rows, C] (same values as
+    # s * (clamp(round(x / s) + z) - z))
+    q = torch.div(x, s)
+    q.round_().add_(z).clamp_(spec.qmin, spec.qmax).sub_(z)
+    return q.mul_(s)
 
 
 def fake_token_clipped(x: torch.Tensor, alpha: torch.Tensor, spec: QuantSpec,
@@ -264,7 +267,8 @@ class ClipSearch:
             xh = fake_channel(x, r * lo, r * hi, self.spec)
         bypass = torch.zeros(x.shape[1])
         if self.o.dabc == "dense":
-            xh = torch.where(outliers, x, xh)
+            cols = outliers.nonzero().flatten()      # a few columns: copy them, not a full [N, C] where
+            xh[:, cols] = x[:, cols]
             bypass = outliers.float() * x.shape[0]
         elif self.o.dabc == "sparse":
             by = outliers & (x.abs() > self.o.rho * alpha)
@@ -273,7 +277,9 @@ class ClipSearch:
         return xh, bypass
 
     def _lp(self, x, xh, w):
-        return (w.reshape(-1, 1) * (x - xh).abs().pow(self.o.p)).sum(0)      # [C], weighted mean over rows
+        # [C], weighted mean over rows; xh is a fresh reconstruction, reused in place
+        d = xh.sub_(x) if xh is not x else torch.zeros_like(x)
+        return d.abs_().pow_(self.o.p).mul_(w.reshape(-1, 1)).sum(0)
 
     def _batched_lp(self, x, r, lo, hi, outliers, w, token_scale):
         """L_p per channel, summed over all rows or EMA over search batches (authors' semantics)."""
@@ -334,20 +340,25 @@ class ClipSearch:
     def _cosine_sweeps(self, x, w, grid, choice, lp, lo, hi, outliers, token_scale):
         """Jacobi sweeps on L_p/C + λ·L_cos with the exact per-token cosine change of single-channel moves."""
         c = x.shape[1]
-        nx = x.norm(dim=1).clamp(min=1e-12)
-        cands = []
-        for rj in grid:
-            cands.append(self._reconstruct(x, torch.full((c,), float(rj)), lo, hi, outliers, token_scale)[0])
+        nx = x.norm(dim=1).clamp(min=1e-12).reshape(-1, 1)
+        wc = w.reshape(-1, 1)
+        cands = [self._reconstruct(x, torch.full((c,), float(rj)), lo, hi, outliers, token_scale)[0]
+                 for rj in grid]
+        buf_a, buf_b = torch.empty_like(x), torch.empty_like(x)
         for _ in range(self.o.cos_sweeps):
-            cur = torch.gather(torch.stack(cands, 0), 0, choice.reshape(1, 1, c).expand(1, x.shape[0], c))[0]
+            # the current reconstruction, channel c at its chosen ratio (reconstruction is per element)
+            cur = self._reconstruct(x, grid[choice], lo, hi, outliers, token_scale)[0]
             dot = (x * cur).sum(1, keepdim=True)
             nq2 = (cur * cur).sum(1, keepdim=True)
+            cur2 = cur * cur
             total = torch.empty(len(grid), c)
             for j, xh_j in enumerate(cands):
-                dot_j = dot + x * (xh_j - cur)
-                nq2_j = (nq2 + xh_j * xh_j - cur * cur).clamp(min=1e-24)
-                cos = dot_j / (nx.reshape(-1, 1) * nq2_j.sqrt())
-                total[j] = lp[j] / c + self.o.lambda_cos * (1 - (w.reshape(-1, 1) * cos).sum(0))
+                # cos_j = (dot + x (x̂_j − x̂)) / (|x| sqrt(|x̂|² + x̂_j² − x̂²)) per row and channel,
+                # evaluated in place in two buffers (the big [rows, C] temporaries dominated the time)
+                dot_j = torch.sub(xh_j, cur, out=buf_a).mul_(x).add_(dot)
+                nq2_j = torch.mul(xh_j, xh_j, out=buf_b).add_(nq2).sub_(cur2).clamp_(min=1e-24)
+                cos = dot_j.div_(nq2_j.sqrt_().mul_(nx))
+                total[j] = lp[j] / c + self.o.lambda_cos * (1 - cos.mul_(wc).sum(0))
             new = total.argmin(0)
             if torch.equal(new, choice):
                 break
