@@ -4,6 +4,7 @@ This is the top of the library stack (it may import every layer below it).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -30,11 +31,10 @@ def check_calibration_modalities(adapter, samples: list[Sample], wanted: list[st
         for label, keys in _MODALITY_KEYS.items():
             if any(k in s for k in keys):
                 present.add(label)
-        try:
+        # encoder-only models have no decoder sequence: their modalities come from the input keys above
+        with contextlib.suppress(Exception):
             ids = adapter.decoder_modality_ids(s)
             present |= {m.label for m in Modality if bool((ids == int(m)).any())}
-        except Exception:   # noqa: BLE001  — encoder-only models have no decoder sequence
-            pass
     missing = [m for m in wanted if m not in present]
     if missing:
         raise CalibrationDataError(

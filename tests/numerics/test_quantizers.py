@@ -60,9 +60,9 @@ def test_zero_tensor_gives_finite_scale():
     assert torch.isfinite(qt.scale).all() and (qt.dequantize() == 0).all()
 
 
-@pytest.mark.parametrize("bad", [dict(bits=0), dict(bits=9), dict(granularity="group"),
-                                 dict(granularity="group", group_size=0), dict(fmt="nf4", bits=3),
-                                 dict(granularity="row")])
+@pytest.mark.parametrize("bad", [{"bits": 0}, {"bits": 9}, {"granularity": "group"},
+                                 {"granularity": "group", "group_size": 0}, {"fmt": "nf4", "bits": 3},
+                                 {"granularity": "row"}])
 def test_bad_specs_raise(bad):
     with pytest.raises(QuantConfigError):
         QuantSpec(**bad)

@@ -26,7 +26,7 @@ def _run(tmp_path, out, resume, env_extra=None):
     script.write_text(SCRIPT)
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, str(script), str(out), resume], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 def test_sigkill_then_resume_gives_identical_model(tmp_path):

@@ -139,9 +139,9 @@ def test_omni_thinker_towers_off_by_default_and_opt_in():
                                       "vision": {"enabled": True, "weights": {"bits": 8, "granularity": "channel"}}})
     rep = quantize(q, rec, samples, progress=False)
     assert rep.stacks == ["vision", "audio", "text"]
-    text_rec = [r for r in rep.records if r.stack == "text"][0]
+    text_rec = next(r for r in rep.records if r.stack == "text")
     assert {"text", "image", "audio"} <= set(text_rec.rel_error)
-    vis = [r for r in rep.records if r.stack == "vision"][0]
+    vis = next(r for r in rep.records if r.stack == "vision")
     assert "W8-channel" in next(iter(vis.linears.values()))["module"]
 
 

@@ -330,7 +330,7 @@ class ModelAdapter:
             from morphoquant.statistics.modality import current_modality_ids
             if current_modality_ids() is not None:
                 active.append(None)
-                return None
+                return
             sample = dict(kwargs)
             if args and isinstance(args[0], torch.Tensor) and "input_ids" not in sample:
                 sample["input_ids"] = args[0]
@@ -342,13 +342,12 @@ class ModelAdapter:
             if ctx is not None:
                 ctx.__enter__()
             active.append(ctx)
-            return None
+            return
 
         def post(module, args, kwargs, output):
             ctx = active.pop() if active else None
             if ctx is not None:
                 ctx.__exit__(None, None, None)
-            return None
 
         handles = (model.register_forward_pre_hook(pre, with_kwargs=True),
                    model.register_forward_hook(post, with_kwargs=True, always_call=True))

@@ -75,10 +75,9 @@ class QuantSpec:
             raise QuantConfigError(f"bits must be an integer in 2..8, got {self.bits!r}")
         if self.granularity not in ("tensor", "channel", "group", "token"):
             raise QuantConfigError(f"unknown granularity {self.granularity!r}")
-        if self.granularity == "group":
-            if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise QuantConfigError(f"granularity 'group' needs a positive integer group_size, got "
-                                       f"{self.group_size!r}")
+        if self.granularity == "group" and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise QuantConfigError(f"granularity 'group' needs a positive integer group_size, got "
+                                   f"{self.group_size!r}")
         if self.fmt not in ("int", "nf4", "fp4"):
             raise QuantConfigError(f"unknown number format {self.fmt!r}; use int, nf4 or fp4")
         if self.fmt != "int" and (self.bits != 4 or not self.symmetric):

@@ -12,6 +12,18 @@ from .modality import (
     modality_ids_from_tokens,
 )
 
-__all__ = ["ALL", "PAD", "ActivationCollector", "ChannelStats", "InputSampler", "Modality", "ModalityContextError",
-           "ModalityStats", "current_modality_ids", "modality_context",
-           "NonFiniteActivationError", "constant_modality_ids", "modality_ids_from_tokens"]
+__all__ = [
+    "ALL",
+    "PAD",
+    "ActivationCollector",
+    "ChannelStats",
+    "InputSampler",
+    "Modality",
+    "ModalityContextError",
+    "ModalityStats",
+    "NonFiniteActivationError",
+    "constant_modality_ids",
+    "current_modality_ids",
+    "modality_context",
+    "modality_ids_from_tokens",
+]

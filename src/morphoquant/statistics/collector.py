@@ -56,7 +56,7 @@ class ActivationCollector:
                 obs(name, x2, row_ids)
         return pre_hook
 
-    def __enter__(self) -> ActivationCollector:
+    def __enter__(self) -> ActivationCollector:  # noqa: PYI034 — final class, Python 3.10 has no typing.Self
         for name, mod in self.linears.items():
             self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
         return self
