@@ -89,3 +89,45 @@ def test_unknown_format_suffix_is_a_clear_error():
         load_recipe("rtn-w4a4@w9")
     with pytest.raises(RecipeError, match="no recipe 'nope'"):
         load_recipe("nope@w8a8")
+
+
+# ---------------------------------------------------------------- base: inheritance
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_base_merges_mappings_and_replaces_values(tmp_path):
+    f = _write(tmp_path / "v.yaml", "name: v\ndescription: d\nbase: morpho\noptions: {budget: 0.1}\n"
+                                    "weights: {group_size: 128}\n")
+    base, r = load_recipe("morpho"), load_recipe(f)
+    assert (r.name, r.description) == ("v", "d")
+    assert r.options == {**base.options, "budget": 0.1}
+    assert r.weights.group_size == 128 and r.weights.bits == base.weights.bits
+    assert r.activations == base.activations and r.method == base.method
+
+
+def test_base_chain_relative_path_and_own_name(tmp_path):
+    _write(tmp_path / "a.yaml", "name: a\ndescription: first\nbase: rtn-w4a4\nweights: {group_size: 32}\n")
+    f = _write(tmp_path / "b.yaml", "base: a.yaml\nactivations: {bits: 8}\n")
+    r = load_recipe(f)
+    assert r.weights.group_size == 32 and r.activations.bits == 8 and r.method == "rtn"
+    assert (r.name, r.description) == ("custom", "")      # a name is never inherited
+
+
+def test_base_cycle_and_bad_base_are_clear_errors(tmp_path):
+    _write(tmp_path / "a.yaml", "name: a\nbase: b.yaml\n")
+    _write(tmp_path / "b.yaml", "name: b\nbase: a.yaml\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+    with pytest.raises(RecipeError, match="no recipe 'nope'"):
+        load_recipe(_write(tmp_path / "c.yaml", "name: c\nbase: nope\n"))
+    with pytest.raises(RecipeError, match="base must be"):
+        load_recipe(_write(tmp_path / "d.yaml", "name: d\nbase: [morpho]\n"))
+
+
+def test_shipped_variants_resolve_to_their_base_plus_named_fields():
+    base, r = load_recipe("morpho-reference"), load_recipe("morpho-reference-gptq")
+    assert r.weight_method == "gptq" and base.weight_method == "rtn"
+    assert r.model_dump(exclude={"name", "description", "weight_method"}) == \
+        base.model_dump(exclude={"name", "description", "weight_method"})

@@ -226,17 +226,8 @@ def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Reci
     fmt = None
     if isinstance(name_or_path, str) and "@" in name_or_path and not Path(name_or_path).exists():
         name_or_path, fmt = name_or_path.rsplit("@", 1)
-    path = Path(name_or_path)
-    builtins = builtin_recipes()
-    if str(name_or_path) in builtins:
-        path = builtins[str(name_or_path)]
-    elif not path.exists():
-        raise RecipeError(f"no recipe {name_or_path!r}: not a file and not a built-in "
-                          f"({', '.join(sorted(builtins))})")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    path = _recipe_path(name_or_path)
+    data = _read_recipe(path, ())
     if fmt is not None:
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
@@ -244,6 +235,47 @@ def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Reci
     if overrides:
         data = _deep_merge(data or {}, overrides)
     return parse_recipe(data, str(path))
+
+
+def _recipe_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+    """A built-in recipe's file, or a YAML path (a relative ``base:`` is looked up next to the recipe naming it)."""
+    builtins = builtin_recipes()
+    if str(name_or_path) in builtins:
+        return builtins[str(name_or_path)]
+    path = Path(name_or_path)
+    if relative_to is not None and not path.is_absolute() and (relative_to.parent / path).exists():
+        return relative_to.parent / path
+    if not path.exists():
+        raise RecipeError(f"no recipe {name_or_path!r}: not a file and not a built-in "
+                          f"({', '.join(sorted(builtins))})")
+    return path
+
+
+def _read_recipe(path: Path, chain: tuple[Path, ...]) -> dict | None:
+    """The YAML mapping of ``path`` with its ``base:`` chain resolved.
+
+    ``base: NAME`` (a built-in name or a YAML path) starts from that recipe and deep-merges this file over it:
+    mappings (``options``, ``weights``, ``calibration`` …) merge key by key, anything else is replaced, so a variant
+    names only what it changes. ``name`` and ``description`` must be given by the file itself."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict) or "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise RecipeError(f"{path}: base must be a built-in recipe name or a YAML path, got {base!r}")
+    base_path = _recipe_path(base, path)
+    if base_path.resolve() in chain or base_path.resolve() == path.resolve():
+        names = " -> ".join(str(p) for p in (*chain, path.resolve(), base_path.resolve()))
+        raise RecipeError(f"{path}: recipe bases form a cycle ({names}); remove one of the base: keys")
+    parent = _read_recipe(base_path, (*chain, path.resolve()))
+    if not isinstance(parent, dict):
+        raise RecipeError(f"{path}: its base {base!r} ({base_path}) is not a recipe mapping")
+    for own in ("name", "description"):
+        parent.pop(own, None)
+    return _deep_merge(parent, data)
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
