@@ -156,3 +156,22 @@ def test_group_size_not_dividing_width_is_an_error(llama):
                                                                               "allow_partial_groups": True}}),
                    [factory()], progress=False)
     assert rep.records
+
+
+def test_global_prepass_collects_statistics_only(llama, monkeypatch):
+    """The network-wide pre-pass needs per-channel statistics, not GPTQ Hessians or search rows: with global
+    thresholds the Hessian is fed exactly as often as without them (once per block calibration)."""
+    from morphoquant.statistics import collector as col
+    model, make = llama
+    samples = [make(seed=i) for i in range(2)]
+    calls = []
+    real = col.HessianObserver.__call__
+    monkeypatch.setattr(col.HessianObserver, "__call__", lambda self, *a: (calls.append(a[0]), real(self, *a))[1])
+    counts = {}
+    for thresholds in ("local", "local+global"):
+        calls.clear()
+        recipe = load_recipe("morpho-plus", {"options": {"grid_points": 3, "thresholds": thresholds}})
+        assert recipe.weight_method == "gptq"
+        quantize(copy.deepcopy(model), recipe, samples, progress=False)
+        counts[thresholds] = len(calls)
+    assert counts["local"] > 0 and counts["local+global"] == counts["local"]

@@ -201,15 +201,18 @@ class LayerwiseRunner:
 
     # ---------------------------------------------------------------- calibration of a set of linears
     def _calibrate(self, stack: BlockStack, block: nn.Module, linears: dict[str, nn.Module],
-                   store: ActivationStore, keep_outputs: bool) -> tuple[ActivationCollector, InputSampler | None,
-                                                                        list | None]:
+                   store: ActivationStore, keep_outputs: bool, stats_only: bool = False
+                   ) -> tuple[ActivationCollector, InputSampler | None, list | None]:
         # rows that do not follow the block's own sequence (cross-attention inputs) keep the modality they read
         cross = getattr(stack, "cross_inputs", {}) or {}
         tower = getattr(stack, "modality", None)
         fallback = {n: next((m for suf, m in cross.items() if n.endswith(suf)), tower) for n in linears}
         cross_names = {n for n in linears if any(n.endswith(suf) for suf in cross)}
-        sampler = InputSampler(self.recipe.calibration.max_rows_per_layer) if self.method.needs_inputs else None
-        hessian = HessianObserver() if self.recipe.weight_method == "gptq" else None
+        # stats_only (the network-wide pre-pass): no input rows and no GPTQ Hessians, which cost as much as the
+        # block forward itself on the widest layer
+        sampler = InputSampler(self.recipe.calibration.max_rows_per_layer) \
+            if self.method.needs_inputs and not stats_only else None
+        hessian = HessianObserver() if self.recipe.weight_method == "gptq" and not stats_only else None
         collector = ActivationCollector(linears, fallback, [o for o in (sampler, hessian) if o is not None],
                                         cross=cross_names)
         collector.hessian = hessian
@@ -306,7 +309,8 @@ class LayerwiseRunner:
             hiddens = [store[i].hidden for i in range(len(store))]
             for bi, block in enumerate(stack.blocks):
                 linears = stack.linears(block)
-                collector, _, outs = self._calibrate(stack, block, linears, store, keep_outputs=True)
+                collector, _, outs = self._calibrate(stack, block, linears, store, keep_outputs=True,
+                                                     stats_only=True)
                 for name, st in collector.stats.items():
                     out[f"{stack.name}.{bi}.{name}"] = st
                 for i in range(len(store)):
