@@ -93,8 +93,9 @@ def test_cosine_term_runs_and_is_deterministic():
     assert torch.equal(a, b) and ((a >= 0.3 - 1e-6) & (a <= 1.0 + 1e-6)).all()
 
 
+@pytest.mark.parametrize("held", [True, False])
 @pytest.mark.parametrize("dabc", ["dense", "sparse", "none"])
-def test_cosine_sweep_matches_brute_force_objective(dabc):
+def test_cosine_sweep_matches_brute_force_objective(dabc, held, monkeypatch):
     """One Jacobi sweep picks, per channel, the candidate minimising L_p/C + λ(1 − Σ_t w_t cos_t) with every other
     channel at its starting ratio — checked against recomputing x̂ and the per-token cosine from scratch."""
     g = torch.Generator().manual_seed(3)
@@ -104,6 +105,8 @@ def test_cosine_sweep_matches_brute_force_objective(dabc):
     outliers = torch.tensor([False, False, False, True, False, False])
     o = MorphoOptions(dabc=dabc, lambda_cos=4.0, cos_sweeps=1, grid_points=5, budget=None)
     cs = ClipSearch(o, SPEC, False)
+    if not held:    # candidates rebuilt on use instead of held (what large layers do)
+        monkeypatch.setattr("morphoquant.methods.morpho.SWEEP_CANDIDATE_BYTES", 0)
     w = torch.full((n,), 1.0 / n)
     grid = o.grid()
     lp = torch.stack([cs._batched_lp(x, torch.full((c,), float(r)), lo, hi, outliers, w, None)[0] for r in grid])

@@ -251,6 +251,11 @@ def search_modality_scales(x: torch.Tensor, ids: torch.Tensor | None, lo: torch.
     return t, {"modality_range_scale": info}
 
 
+SWEEP_CANDIDATE_BYTES = 256 * 2 ** 20
+"""Largest size of the cosine sweeps' grid candidates held at once (the search's largest buffer); above it each
+candidate is rebuilt on use."""
+
+
 class ClipSearch:
     """Vectorised MDQFO grid search for one layer (class docstring of the module, step 3)."""
 
@@ -338,12 +343,20 @@ class ClipSearch:
         return r, info
 
     def _cosine_sweeps(self, x, w, grid, choice, lp, lo, hi, outliers, token_scale):
-        """Jacobi sweeps on L_p/C + λ·L_cos with the exact per-token cosine change of single-channel moves."""
-        c = x.shape[1]
+        """Jacobi sweeps on L_p/C + λ·L_cos with the exact per-token cosine change of single-channel moves.
+
+        The grid candidates x̂_j are built once and held when they fit in ``SWEEP_CANDIDATE_BYTES``; otherwise
+        (Qwen2.5-0.5B's down_proj: 20 × 4096 × 4864 × 4 B = 1.6 GB) each is rebuilt when a sweep needs it — the
+        same values, so the same choice, for one reconstruction more per candidate and sweep.
+        """
+        n, c = x.shape
         nx = x.norm(dim=1).clamp(min=1e-12).reshape(-1, 1)
         wc = w.reshape(-1, 1)
-        cands = [self._reconstruct(x, torch.full((c,), float(rj)), lo, hi, outliers, token_scale)[0]
-                 for rj in grid]
+
+        def candidate(rj):
+            return self._reconstruct(x, torch.full((c,), float(rj)), lo, hi, outliers, token_scale)[0]
+
+        held = [candidate(rj) for rj in grid] if 4 * n * c * len(grid) <= SWEEP_CANDIDATE_BYTES else None
         buf_a, buf_b = torch.empty_like(x), torch.empty_like(x)
         for _ in range(self.o.cos_sweeps):
             # the current reconstruction, channel c at its chosen ratio (reconstruction is per element)
@@ -352,9 +365,10 @@ class ClipSearch:
             nq2 = (cur * cur).sum(1, keepdim=True)
             cur2 = cur * cur
             total = torch.empty(len(grid), c)
-            for j, xh_j in enumerate(cands):
+            for j, rj in enumerate(grid):
+                xh_j = held[j] if held is not None else candidate(rj)
                 # cos_j = (dot + x (x̂_j − x̂)) / (|x| sqrt(|x̂|² + x̂_j² − x̂²)) per row and channel,
-                # evaluated in place in two buffers (the big [rows, C] temporaries dominated the time)
+                # evaluated in place in two reused buffers (the big [rows, C] temporaries dominated the time)
                 dot_j = torch.sub(xh_j, cur, out=buf_a).mul_(x).add_(dot)
                 nq2_j = torch.mul(xh_j, xh_j, out=buf_b).add_(nq2).sub_(cur2).clamp_(min=1e-24)
                 cos = dot_j.div_(nq2_j.sqrt_().mul_(nx))
