@@ -2,7 +2,9 @@
 # Issue 4's table for one model: every baseline and MorphoQuant recipe at W8A8, W4A8, W4A16 and W4A4, one
 # `morphoquant compare` per format (each writes OUT-FORMAT/compare.{md,csv,json}), then one merged table.
 # Re-running the same command reuses every recipe already finished (compare's row reuse), so it resumes.
-# usage: [THREADS=N] [FORMATS="w4a4 w8a8 ..."] benchmarks/run_table.sh [MODEL] [OUT]
+# usage: [THREADS=N] [FORMATS="w4a4 w8a8 ..."] [FINISHED_ONLY=1] benchmarks/run_table.sh [MODEL] [OUT]
+#        FINISHED_ONLY=1 runs no quantization: each format's table lists only the rows already finished in its
+#        directory (reused), and the merged table is rebuilt from them — a partial table while runs go on.
 #        defaults: smollm2-135m, runs/table-MODEL; language models: 16 x 512 calibration, 8 x 512 evaluation
 #        windows; whisper: 16 calibration utterances, 16 + 8 evaluation utterances.
 set -euo pipefail
@@ -20,15 +22,21 @@ ROT=(quarot-w4a4 quarot-gptq-w4a4)     # an error row where the model has no dec
 W4A4=(rtn-w4a4 rtn-w4a4-static smoothquant-w4a4 gptq-w4a4 "${ROT[@]}" mbq-w4a4 mquant-w4a4 osplus-w4a4
       morpho $T/morpho-gptq.yaml morpho-reference morpho-reference-gptq morpho-modal morpho-plus
       $T/morpho-plus-rtn.yaml)
+ran=()
 run() {   # FORMAT RECIPE...
   local fmt=$1; shift
   local args=()
-  for r in "$@"; do args+=(-r "$r"); done
+  for r in "$@"; do
+    local row; row=$(basename "${r%.yaml}")
+    if [[ -n ${FINISHED_ONLY:-} && ! -f $OUT-$fmt/$row/run.json ]]; then continue; fi
+    args+=(-r "$r")
+  done
+  if [[ ${#args[@]} == 0 ]]; then echo "$fmt: no finished rows yet" >&2; return 0; fi
+  ran+=("$OUT-$fmt")
   # exit 4 = some method could not run on this model (an error row in the table): keep going
   morphoquant ${THREADS:+--threads $THREADS} --quiet compare "$MODEL" "${args[@]}" "${SIZE[@]}" \
     --out "$OUT-$fmt" || [[ $? == 4 ]]
 }
-dirs=()
 for fmt in $FORMATS; do
   case $fmt in
     w4a4)  run w4a4 "${W4A4[@]}" ;;
@@ -40,8 +48,8 @@ for fmt in $FORMATS; do
     w4a16) run w4a16 rtn-w4a16 awq-w4a16 gptq-w4a16 quarot-w4a4@w4a16 quarot-gptq-w4a4@w4a16 ;;
     *) echo "unknown format $fmt (w4a4 w8a8 w4a8 w4a16)" >&2; exit 2 ;;
   esac
-  dirs+=("$OUT-$fmt")
 done
+dirs=("${ran[@]}")
 peer=()
 [[ -f runs/peer-llmc/$MODEL/peer.json ]] && peer=(--peer runs/peer-llmc/$MODEL/peer.json)
 python benchmarks/merge_table.py "$OUT.md" "${dirs[@]}" "${peer[@]}" --title "$MODEL: methods x formats"
