@@ -33,9 +33,13 @@ run() {   # FORMAT RECIPE...
   done
   if [[ ${#args[@]} == 0 ]]; then echo "$fmt: no finished rows yet" >&2; return 0; fi
   ran+=("$OUT-$fmt")
-  # exit 4 = some method could not run on this model (an error row in the table): keep going
+  # exit 4 = some method could not run on this model (an error row in the table), exit 3 = a row failed the
+  # W8A8 sanity check (the table is written and marks it): keep going, the table must show both
+  local rc=0
   morphoquant ${THREADS:+--threads $THREADS} --quiet compare "$MODEL" "${args[@]}" "${SIZE[@]}" \
-    --out "$OUT-$fmt" || [[ $? == 4 ]]
+    --out "$OUT-$fmt" || rc=$?
+  if [[ $rc == 3 ]]; then echo "$fmt: a row failed the W8A8 sanity check (marked in the table)" >&2
+  elif [[ $rc != 0 && $rc != 4 ]]; then exit $rc; fi
 }
 for fmt in $FORMATS; do
   case $fmt in
