@@ -263,7 +263,8 @@ class ClipSearch:
         self.o, self.spec, self.dynamic = opts, spec, dynamic
 
     def _reconstruct(self, x, r, lo, hi, outliers, token_scale=None):
-        """x̂(r) with DABC active and the number of bypassed elements per channel."""
+        """x̂(r) with DABC active and the number of bypassed elements per channel; x̂ is always a new tensor (the
+        callers overwrite it in place)."""
         if self.dynamic:
             alpha = r * torch.maximum(lo.abs(), hi.abs())
             xh = fake_token_clipped(x, alpha, self.spec, token_scale)
@@ -283,8 +284,7 @@ class ClipSearch:
 
     def _lp(self, x, xh, w):
         # [C], weighted mean over rows; xh is a fresh reconstruction, reused in place
-        d = xh.sub_(x) if xh is not x else torch.zeros_like(x)
-        return d.abs_().pow_(self.o.p).mul_(w.reshape(-1, 1)).sum(0)
+        return xh.sub_(x).abs_().pow_(self.o.p).mul_(w.reshape(-1, 1)).sum(0)
 
     def _batched_lp(self, x, r, lo, hi, outliers, w, token_scale):
         """L_p per channel, summed over all rows or EMA over search batches (authors' semantics)."""
@@ -362,8 +362,8 @@ class ClipSearch:
             # the current reconstruction, channel c at its chosen ratio (reconstruction is per element)
             cur = self._reconstruct(x, grid[choice], lo, hi, outliers, token_scale)[0]
             dot = (x * cur).sum(1, keepdim=True)
-            nq2 = (cur * cur).sum(1, keepdim=True)
             cur2 = cur * cur
+            nq2 = cur2.sum(1, keepdim=True)
             total = torch.empty(len(grid), c)
             for j, rj in enumerate(grid):
                 xh_j = held[j] if held is not None else candidate(rj)

@@ -267,10 +267,11 @@ def _read_recipe(path: Path, chain: tuple[Path, ...]) -> dict | None:
     if not isinstance(base, str) or not base:
         raise RecipeError(f"{path}: base must be a built-in recipe name or a YAML path, got {base!r}")
     base_path = _recipe_path(base, path)
-    if base_path.resolve() in chain or base_path.resolve() == path.resolve():
-        names = " -> ".join(str(p) for p in (*chain, path.resolve(), base_path.resolve()))
+    chain = (*chain, path.resolve())
+    if base_path.resolve() in chain:
+        names = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
         raise RecipeError(f"{path}: recipe bases form a cycle ({names}); remove one of the base: keys")
-    parent = _read_recipe(base_path, (*chain, path.resolve()))
+    parent = _read_recipe(base_path, chain)
     if not isinstance(parent, dict):
         raise RecipeError(f"{path}: its base {base!r} ({base_path}) is not a recipe mapping")
     for own in ("name", "description"):
