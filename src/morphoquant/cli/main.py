@@ -10,7 +10,9 @@ import argparse
 import copy
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -608,8 +610,24 @@ def _output_fault_message(e: BaseException, args) -> str | None:
     return msg
 
 
+def _exit_on_sigterm(signum, frame):
+    # the default action kills the process on the spot: no finally blocks, no atexit, so temp directories
+    # (offloaded activations, half-written outputs) would stay; SystemExit unwinds normally
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():   # signals only reach the main thread
+        return _main(args)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
     _setup_logging(args)
     if args.threads:
         import torch
