@@ -89,6 +89,21 @@ def test_greedy_loop_matches_generate(whisper):
     assert a == b
 
 
+def test_generate_does_not_warn_about_max_length(whisper, caplog):
+    # Whisper checkpoints carry max_length=448 in their generation config; with max_new_tokens transformers
+    # warned once per batch ("Both `max_new_tokens` ... and `max_length` ... seem to have been set")
+    model, fe, tok, waves = whisper
+    model.generation_config.max_length = 448
+    try:
+        with caplog.at_level("WARNING"):
+            a = transcribe_whisper(model, fe, tok, waves, max_new_tokens=8, method="generate")
+    finally:
+        model.generation_config.max_length = 20
+    assert "seem to have been set" not in caplog.text
+    assert model.generation_config.max_length == 20
+    assert a == transcribe_whisper(model, fe, tok, waves, max_new_tokens=8, method="greedy")
+
+
 def test_generate_failure_falls_back_to_greedy(whisper, monkeypatch, caplog):
     model, fe, tok, waves = whisper
     expected = transcribe_whisper(model, fe, tok, waves[:1], max_new_tokens=5, method="greedy")

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["normalize_transcript", "transcribe_whisper", "whisper_prompt_ids", "word_error_rate"]
+__all__ = ["normalize_transcript", "transcribe_whisper", "transcribe_whisper_features", "whisper_features",
+           "whisper_prompt_ids", "word_error_rate"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +159,30 @@ def _greedy(model: nn.Module, features: torch.Tensor, prompt: torch.Tensor, eos:
     return torch.stack(generated, dim=1)
 
 
+class _DropMessage(logging.Filter):
+    """Drops log records containing ``text``. Whisper checkpoints set ``max_length=448`` in their generation
+    config, so ``generate(max_new_tokens=...)`` warns on every batch that both are set although max_new_tokens
+    wins anyway (and passing ``max_length`` instead counts differently in Whisper's generate)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def _generate(model: nn.Module, features: torch.Tensor, prompt: torch.Tensor, eos: int,
               max_new_tokens: int) -> torch.Tensor:
     batch = features.shape[0]
-    out = model.generate(features, decoder_input_ids=prompt.unsqueeze(0).expand(batch, -1).contiguous(),
-                         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, return_timestamps=False)
+    quiet = _DropMessage("seem to have been set")
+    gen_log = logging.getLogger("transformers.generation.utils")
+    gen_log.addFilter(quiet)
+    try:
+        out = model.generate(features, decoder_input_ids=prompt.unsqueeze(0).expand(batch, -1).contiguous(),
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, return_timestamps=False)
+    finally:
+        gen_log.removeFilter(quiet)
     seq = out.sequences if hasattr(out, "sequences") else out
     if not isinstance(seq, torch.Tensor):
         raise TypeError(f"model.generate returned {type(out).__name__}, expected a token tensor")
@@ -182,6 +202,24 @@ def _decode(tokenizer, tokens: torch.Tensor, eos: int) -> list[str]:
     return texts
 
 
+def whisper_features(feature_extractor, waveforms: list[np.ndarray], sr: int = 16000,
+                     batch_size: int = 8) -> torch.Tensor:
+    """Log-mel ``input_features`` ``[n, mels, frames]`` (float32) of mono ``sr`` Hz waveforms, computed the way
+    :func:`transcribe_whisper` computes them (the feature extractor called on chunks of ``batch_size``; each
+    waveform is padded to 30 s and normalised on its own, so the chunking does not change the values)."""
+    expected_sr = getattr(feature_extractor, "sampling_rate", sr)
+    if expected_sr != sr:
+        raise ValueError(f"waveforms are at {sr} Hz but the feature extractor expects {expected_sr} Hz; resample "
+                         "them first")
+    chunks = []
+    for start in range(0, len(waveforms), batch_size):
+        chunk = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waveforms[start:start + batch_size]]
+        chunks.append(feature_extractor(chunk, sampling_rate=sr, return_tensors="pt").input_features.float())
+    if not chunks:
+        raise ValueError("no waveforms given")
+    return torch.cat(chunks)
+
+
 def transcribe_whisper(model: nn.Module, feature_extractor, tokenizer, waveforms: list[np.ndarray],
                        sr: int = 16000, max_new_tokens: int = 64, batch_size: int = 8,
                        method: Literal["auto", "generate", "greedy"] = "auto",
@@ -193,7 +231,8 @@ def transcribe_whisper(model: nn.Module, feature_extractor, tokenizer, waveforms
     ``max_target_positions - len(prompt)``). ``method="generate"`` uses ``model.generate`` (greedy, no
     timestamps); ``"greedy"`` a manual KV-cached loop; ``"auto"`` tries ``generate`` and falls back to the loop
     (with a warning) when ``generate`` rejects the model's generation config. Special tokens are dropped from
-    the decoded text, which is stripped of surrounding whitespace.
+    the decoded text, which is stripped of surrounding whitespace. The same as
+    :func:`transcribe_whisper_features` on :func:`whisper_features` of the waveforms.
     """
     if method not in ("auto", "generate", "greedy"):
         raise ValueError(f"method must be 'auto', 'generate' or 'greedy', got {method!r}")
@@ -201,10 +240,22 @@ def transcribe_whisper(model: nn.Module, feature_extractor, tokenizer, waveforms
         return []
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    expected_sr = getattr(feature_extractor, "sampling_rate", sr)
-    if expected_sr != sr:
-        raise ValueError(f"waveforms are at {sr} Hz but the feature extractor expects {expected_sr} Hz; resample "
-                         "them first")
+    features = whisper_features(feature_extractor, waveforms, sr, batch_size)
+    return transcribe_whisper_features(model, tokenizer, features, max_new_tokens, batch_size, method, language)
+
+
+def transcribe_whisper_features(model: nn.Module, tokenizer, features: torch.Tensor, max_new_tokens: int = 64,
+                                batch_size: int = 8, method: Literal["auto", "generate", "greedy"] = "auto",
+                                language: str = "en", return_tokens: bool = False):
+    """:func:`transcribe_whisper` on precomputed log-mel ``features`` ``[n, mels, frames]`` (see
+    :func:`whisper_features`): one string per row. With ``return_tokens``, ``(texts, tokens)`` where ``tokens[i]``
+    are the generated token ids of row ``i`` up to (not including) ``<|endoftext|>``."""
+    if method not in ("auto", "generate", "greedy"):
+        raise ValueError(f"method must be 'auto', 'generate' or 'greedy', got {method!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if features.shape[0] == 0:
+        return ([], []) if return_tokens else []
     config = getattr(model, "config", None)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -222,18 +273,17 @@ def transcribe_whisper(model: nn.Module, feature_extractor, tokenizer, waveforms
         raise ValueError("neither the tokenizer nor the model config defines an eos token id")
 
     texts: list[str] = []
+    token_rows: list[list[int]] = []
     use = method
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(waveforms), batch_size):
-                chunk = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waveforms[start:start + batch_size]]
-                features = feature_extractor(chunk, sampling_rate=sr, return_tensors="pt").input_features
-                features = features.to(device=device, dtype=dtype)
+            for start in range(0, features.shape[0], batch_size):
+                chunk = features[start:start + batch_size].to(device=device, dtype=dtype)
                 if use in ("auto", "generate"):
                     try:
-                        tokens = _generate(model, features, prompt, eos, max_new_tokens)
+                        tokens = _generate(model, chunk, prompt, eos, max_new_tokens)
                         use = "generate"
                     except (ValueError, AttributeError, TypeError, KeyError) as exc:
                         if use == "generate":
@@ -242,8 +292,10 @@ def transcribe_whisper(model: nn.Module, feature_extractor, tokenizer, waveforms
                                        type(exc).__name__, exc)
                         use = "greedy"
                 if use == "greedy":
-                    tokens = _greedy(model, features, prompt, eos, max_new_tokens)
+                    tokens = _greedy(model, chunk, prompt, eos, max_new_tokens)
                 texts.extend(_decode(tokenizer, tokens, eos))
+                for row in tokens.tolist():
+                    token_rows.append(row[:row.index(eos)] if eos in row else row)
     finally:
         model.train(was_training)
-    return texts
+    return (texts, token_rows) if return_tokens else texts
