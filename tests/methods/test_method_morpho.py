@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -219,3 +220,63 @@ def test_modal_recipe_equals_the_paper_recipe_on_text_only_models(run_recipe):
     assert outs[0][0] == outs[1][0]
     assert outs[0][1].keys() == outs[1][1].keys()
     assert all(torch.equal(outs[0][1][k], outs[1][1][k]) for k in outs[0][1])
+
+
+def _stacked_outlier_errors(w, s, ch, cands, m2, spec):
+    """Oracle: quantize every candidate's whole folded matrix and sum the weighted errors."""
+    from morphoquant.numerics import quantize_weight
+    out = []
+    for cand in cands.tolist():
+        sc = s.clone()
+        sc[ch] = cand
+        deq = quantize_weight(w * sc, spec).dequantize() / sc
+        out.append(float(((w - deq) ** 2 * m2).sum()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8, True, "channel"), QuantSpec(4, False, "channel"),
+                                  QuantSpec(4, True, "channel", fmt="nf4"),
+                                  QuantSpec(4, True, "channel", full_range=True)],
+                         ids=["int8-sym", "int4-asym", "nf4", "int4-full-range"])
+def test_row_scale_errors_equal_the_stacked_matrices(spec):
+    # the channel-granularity fast path of the outlier-scale search must give the errors of quantizing the whole
+    # [P, O, C] stack, rows where the candidate sets the min/max included (large candidates) and rows where not
+    from morphoquant.methods import morpho
+    g = torch.Generator().manual_seed(1)
+    o, c = 24, 40
+    w = torch.randn(o, c, generator=g)
+    s = torch.rand(c, generator=g) + 0.5
+    s[[3, 17]] = torch.tensor([30.0, 0.05])
+    m2 = torch.rand(c, generator=g) + 0.1
+    cands = torch.logspace(-2, 2, 33)
+    for ch in (3, 17, 0, c - 1):
+        fast = morpho._row_scale_errors(w, s, ch, cands, m2, spec).double()
+        slow = _stacked_outlier_errors(w, s, ch, cands, m2, spec)
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)
+    # and both kinds of rows occur: some candidates keep every row's parameters, the largest change them all
+    v = w[:, 3].unsqueeze(0) * cands.unsqueeze(1)
+    rest = torch.cat([(w * s)[:, :3], (w * s)[:, 4:]], 1)
+    inside = (v >= rest.amin(1)) & (v <= rest.amax(1))
+    assert bool(inside[0].all()) and int((~inside[-1]).sum()) > o // 2
+
+
+def test_outlier_scale_search_channel_weights_matches_a_brute_force_coordinate_pass(monkeypatch):
+    from morphoquant.methods import morpho
+    spec = QuantSpec(8, True, "channel")
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 48, generator=g)
+    scale = torch.rand(48, generator=g) * 0.1 + 0.05
+    idx = torch.tensor([5, 9, 30])
+    scale[idx] = torch.tensor([4.0, 0.9, 12.0])
+    m2 = torch.rand(48, generator=g) + 0.1
+    monkeypatch.setattr(morpho, "ROW_SEARCH_BYTES", 4 * 48 * 3 * 7)     # re-quantized rows in chunks of 7
+    got = morpho.search_outlier_scales(w, scale, idx, m2, spec)
+    s = scale.clone()
+    s_med = scale[torch.ones(48, dtype=torch.bool).index_fill_(0, idx, False)].median()
+    for ch in idx.tolist():
+        lo = min(float(s_med), float(scale[ch])) / 16
+        hi = max(float(s_med), float(scale[ch])) * 4
+        cands = torch.logspace(math.log10(lo), math.log10(hi), 33)
+        s[ch] = cands[int(_stacked_outlier_errors(w, s, ch, cands, m2, spec).argmin())]
+    torch.testing.assert_close(got, s, rtol=0, atol=0)
+    assert not torch.equal(got[idx], scale[idx])
