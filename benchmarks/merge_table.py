@@ -35,6 +35,13 @@ def format_of(weights: str, activations: str) -> str | None:
     return f"W{mw.group(1)}A{ma.group(1)}"
 
 
+def peer_metric_of(meta: dict) -> tuple[str, str]:
+    """(table metric, row key) of a peer.json: ``("wer", "wer")`` for Whisper runs (``metric`` in its meta),
+    ``("wiki_ppl", "ppl")`` for language models (their meta names no metric)."""
+    metric = meta.get("metric") or "wiki_ppl"
+    return metric, ("ppl" if metric == "wiki_ppl" else metric)
+
+
 def collect(run_dirs: list[Path], peer: Path | None = None):
     """(metric, lower_is_better, fp value, cells {(family, format): row}, clashes, commands)."""
     cells, clashes, commands = {}, [], []
@@ -63,19 +70,22 @@ def collect(run_dirs: list[Path], peer: Path | None = None):
                                f"{r['recipe']} ({d.name})")
             cells[key] = {**r, "_dir": d.name}
     if peer is not None:
-        if metric not in (None, "wiki_ppl"):
-            raise SystemExit(f"merge_table: peer rows are wiki perplexities, the runs measure {metric}")
-        metric = metric or "wiki_ppl"
         data = json.loads(peer.read_text())
+        peer_metric, row_key = peer_metric_of(data["meta"])
+        if metric not in (None, peer_metric):
+            what = {"wiki_ppl": "wiki perplexities", "wer": "word error rates"}.get(peer_metric, peer_metric)
+            raise SystemExit(f"merge_table: peer rows are {what} ({peer_metric}, {peer}), the runs measure "
+                             f"{metric}; merge the peer.json of the same model and task")
+        metric = metric or peer_metric
         commands.append(data["meta"]["command"] + "  # peer toolkit rows, several commands: see peer.md")
         for r in data["rows"]:
-            if r.get("scheme") == "fp32" or r.get("ppl") is None:
+            if r.get("scheme") == "fp32" or r.get(row_key) is None:
                 continue
             w = re.match(r"W(\d+)", r["weights"]).group(1)
             a = re.match(r"A(\d+)", r["activations"]).group(1)
             method = r["scheme"].split("-", 1)[1]
             key = (f"llm-compressor {method}", f"W{w}A{a}")
-            cells[key] = {"recipe": r["recipe"], metric: r["ppl"], "calib_seconds": r.get("calib_seconds"),
+            cells[key] = {"recipe": r["recipe"], metric: r[row_key], "calib_seconds": r.get("calib_seconds"),
                           "_dir": peer.parent.name}
     return metric, lower, fp, cells, clashes, commands
 

@@ -52,6 +52,39 @@ Schemes (weights int symmetric, groups of ``--group-size``; activations int symm
 
     /work/venv/bin/python scripts/peer_llmcompressor.py                      # SmolLM2-135M, default schemes
     /work/venv/bin/python scripts/peer_llmcompressor.py --model qwen2.5-0.5b --schemes w4a4-rtn,w4a4-gptq
+    /work/venv/bin/python scripts/peer_llmcompressor.py --model whisper-tiny.en   # word error rate, see below
+
+**Whisper** (``model_type`` ``whisper``; the ``speech-asr`` task of ``morphoquant compare whisper-tiny.en
+--calib 16 --eval-size 16``). Same flow, other data and metric:
+
+* data: ``SpeechASRTask.calibration_samples(--calib, seed=--seed)`` (text-to-speech of calibration-split
+  sentences: ``input_features`` ``[1, 80, 3000]`` and ``decoder_input_ids`` = prompt + transcript + eos) and
+  ``eval_items()`` (the 8 ALSA clips + ``--eval-size`` text-to-speech sentences of the evaluation split, default
+  16). ``speech.safetensors`` holds the calibration features (float32), the decoder ids (padded, with their
+  lengths) and the log-mel features of the evaluation waveforms computed by our feature extractor
+  (``wer.whisper_features``, exactly what ``transcribe_whisper`` computes); the reference transcripts and the
+  forced decoder prompt are in its metadata, and each set's SHA-256 covers its tensors (and references).
+* peer: ``WhisperForConditionalGeneration`` in fp32; the modifiers target every ``Linear`` except ``proj_out``
+  (the output head, tied to the decoder embedding): all encoder and decoder layer linears -- self-attention
+  q/k/v/out, cross-attention q/k/v/out, fc1, fc2 -- as ``WhisperAdapter`` quantizes them (the convolutions and
+  embeddings are no Linear, in neither toolkit). GPTQ calibrates on a DataLoader of our samples with
+  llm-compressor's ``basic`` pipeline: every layer's Hessian comes from one full-precision pass over the 16
+  utterances (no quantization error propagated from layer to layer, unlike the LMs' sequential pipeline). The
+  sequential pipeline cannot split Whisper in this version: its tracer wraps ``WhisperModel.forward``'s ``if
+  encoder_outputs is None:`` block (and the encoder's LayerDrop ``if not to_drop:``), so the whole encoder runs
+  inside wrapped code of the first subgraph (5 subgraphs traced for 8 layer targets, 5 for the targets
+  ``WhisperEncoder`` + ``WhisperDecoderLayer``); its Linears get Hessians but no weight observation, and GPTQ
+  stops with ``AssertionError: No statistics available. Call observer(value) first.`` After ``oneshot`` the worker removes compressed-tensors' (CPU) offload wrapper, whose
+  argument copying turns ``encoder_outputs`` into a plain dict that ``WhisperModel.forward`` cannot index (the
+  quantized forwards stay; the activation check runs after it). The worker decodes greedily with our ``transcribe_whisper_features`` (``wer.py``
+  loaded from its file; same prompt, suppression, 64 new tokens, batches of 8) and writes the hypotheses' token
+  ids into its row; the driver decodes them with our tokenizer and computes ``wer`` / ``wer_alsa`` / ``wer_tts``
+  with our ``word_error_rate`` (jiwer is not in the peer's venv). The activation check uses the first quantized
+  Linear (``model.encoder.layers.0.self_attn.k_proj``) on the first evaluation utterance.
+* ``w4a4-spinquant-gptq`` is refused: llm-compressor 0.14.0.1's SpinQuant has only Llama-style mappings
+  (RMSNorm ``input_layernorm`` / ``post_attention_layernorm`` fused into q/k/v and up/gate, ``o_proj``,
+  ``down_proj``, ``model.norm`` -> ``lm_head``); Whisper's biased LayerNorms, ``out_proj``, ``fc1`` / ``fc2`` and
+  encoder-decoder stacks match none of them.
 
 Heavy: one thread by default (``--threads``); GPTQ W4A4 on SmolLM2-135M with 16 × 512 calibration tokens takes
 minutes. It is a benchmark, not a test.
@@ -75,6 +108,13 @@ DEFAULT_VENV = Path("/work/venv-llmc")
 TORCH_PIN = "torch==2.13.0"
 LLMC_PIN = "llmcompressor==0.14.0.1"
 DEFAULT_SCHEMES = ("fp32", "w8a8-rtn", "w4a16-rtn", "w4a16-gptq", "w4a4-rtn", "w4a4-gptq", "w4a4-spinquant-gptq")
+SPEECH_DEFAULT_SCHEMES = ("fp32", "w8a8-rtn", "w4a16-rtn", "w4a16-gptq", "w4a4-rtn", "w4a4-gptq")
+SPEECH = "speech-asr"
+N_ALSA = 8   # SpeechASRTask.eval_items: the 8 ALSA clips first, then the text-to-speech sentences
+#: the output head each task leaves in full precision (ours and the peer's)
+HEAD = {"text-lm": "lm_head", SPEECH: "proj_out"}
+#: llm-compressor's calibration pipeline for Whisper: its sequential tracer cannot split Whisper (module docstring)
+SPEECH_PIPELINE = "basic"
 
 # name -> (weight bits, activation bits, weight method, transform before quantization)
 SCHEMES: dict[str, dict] = {
@@ -132,7 +172,7 @@ def check_group_size(widths: list[int], group_size: int) -> None:
 
 
 def tensor_sha256(t) -> str:
-    """SHA-256 of an integer tensor's shape, dtype and contiguous bytes (identifies a window set)."""
+    """SHA-256 of a tensor's shape, dtype and contiguous bytes (identifies a window or feature set)."""
     h = hashlib.sha256()
     h.update(f"{tuple(t.shape)}|{t.dtype}".encode())
     h.update(t.contiguous().numpy().tobytes())
@@ -179,6 +219,113 @@ def load_windows(path: Path) -> tuple[object, object, dict]:
     return t["calibration"], t["evaluation"], meta
 
 
+def _speech_digests(t: dict, references: list[str], prompt_ids: list[int]) -> tuple[str, str]:
+    """(calibration, evaluation) SHA-256 of a speech data set: the calibration digest covers its features, padded
+    decoder ids and lengths; the evaluation digest its features, the reference transcripts and the prompt."""
+    cal = hashlib.sha256()
+    for k in ("calibration_features", "calibration_decoder_ids", "calibration_lengths"):
+        cal.update(f"{k}:{tensor_sha256(t[k])}|".encode())
+    ev = hashlib.sha256()
+    ev.update(f"evaluation_features:{tensor_sha256(t['evaluation_features'])}|".encode())
+    ev.update(json.dumps({"references": list(references), "prompt_ids": list(prompt_ids)}).encode())
+    return cal.hexdigest(), ev.hexdigest()
+
+
+def export_speech(path: Path, calib_features, calib_ids: list, eval_features, references: list[str],
+                  prompt_ids: list[int], meta: dict) -> dict:
+    """Write a Whisper data set to one safetensors file, atomically; return its metadata (all strings).
+
+    ``calib_features`` float32 ``[n, mels, frames]``; ``calib_ids`` ``n`` int64 token vectors (prompt + transcript
+    + eos; stored right-padded with 0 as ``calibration_decoder_ids`` ``[n, L]`` with ``calibration_lengths``
+    ``[n]``); ``eval_features`` float32 ``[m, mels, frames]``; ``references`` ``m`` transcripts and the forced
+    decoder ``prompt_ids`` go to the metadata as JSON. ``calibration_sha256`` / ``evaluation_sha256`` cover all
+    of it (:func:`_speech_digests`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    for name, t in (("calibration", calib_features), ("evaluation", eval_features)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.dtype != torch.float32:
+            raise PeerError(f"{name} features must be a float32 tensor [n, mels, frames], got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    ids = [torch.as_tensor(i).reshape(-1) for i in calib_ids]
+    if len(ids) != calib_features.shape[0] or any(i.dtype != torch.long or i.numel() == 0 for i in ids):
+        raise PeerError(f"need one non-empty int64 decoder id vector per calibration utterance "
+                        f"({calib_features.shape[0]}), got {len(ids)}")
+    if isinstance(references, str) or len(references) != eval_features.shape[0] \
+            or not all(isinstance(r, str) for r in references):
+        raise PeerError(f"need one reference transcript (str) per evaluation utterance ({eval_features.shape[0]})")
+    lengths = torch.tensor([i.numel() for i in ids], dtype=torch.long)
+    padded = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)
+    for k, i in enumerate(ids):
+        padded[k, :i.numel()] = i
+    t = {"calibration_features": calib_features.contiguous().clone(), "calibration_decoder_ids": padded,
+         "calibration_lengths": lengths, "evaluation_features": eval_features.contiguous().clone()}
+    full = {k: str(v) for k, v in meta.items()}
+    full["references"] = json.dumps(list(references))
+    full["prompt_ids"] = json.dumps([int(x) for x in prompt_ids])
+    full["calibration_sha256"], full["evaluation_sha256"] = _speech_digests(t, references, prompt_ids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(t, str(tmp), metadata=full)
+    os.replace(tmp, path)
+    return full
+
+
+def load_speech(path: Path) -> tuple[list[dict], object, list[str], dict]:
+    """``(calibration samples, evaluation features, references, metadata)`` from :func:`export_speech`; checks
+    both digests. Each calibration sample is ``{"input_features": [1, mels, frames], "decoder_input_ids":
+    [1, L_i]}`` (unpadded), as ``SpeechASRTask.calibration_samples`` gives them."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not Path(path).exists():
+        raise PeerError(f"data file {path} does not exist; run the driver (without _worker) to export it")
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+    t = load_file(str(path))
+    try:
+        references = json.loads(meta["references"])
+        prompt_ids = json.loads(meta["prompt_ids"])
+        digests = _speech_digests(t, references, prompt_ids)
+    except (KeyError, ValueError) as e:
+        raise PeerError(f"{path} is not a speech data file of this script ({type(e).__name__}: {e}); delete it "
+                        "and run the driver again") from e
+    for name, d in zip(("calibration", "evaluation"), digests):
+        if d != meta.get(f"{name}_sha256"):
+            raise PeerError(f"{path}: the {name} data do not match their recorded SHA-256; delete the file and "
+                            "run the driver again")
+    calib = [{"input_features": t["calibration_features"][k:k + 1],
+              "decoder_input_ids": t["calibration_decoder_ids"][k:k + 1, :int(n)]}
+             for k, n in enumerate(t["calibration_lengths"].tolist())]
+    return calib, t["evaluation_features"], references, meta
+
+
+def score_speech_row(row: dict, references: list[str], decode) -> dict:
+    """A worker's Whisper row scored in our environment: its ``hypothesis_tokens`` decoded with ``decode``
+    (our tokenizer), then ``wer`` (all utterances), ``wer_alsa`` (the first :data:`N_ALSA`) and ``wer_tts`` (the
+    rest) with our ``word_error_rate``. ``peer_decode_agrees`` tells whether the peer's own decoding gave the same
+    text."""
+    from morphoquant.eval.wer import word_error_rate
+
+    tokens = row["hypothesis_tokens"]
+    if len(tokens) != len(references):
+        raise PeerError(f"{row.get('recipe')}: {len(tokens)} hypotheses for {len(references)} references")
+    hyps = [decode(t) for t in tokens]
+    out = dict(row)
+    out["peer_decode_agrees"] = hyps == row.get("hypotheses")
+    out["hypotheses"] = hyps
+    out["wer"] = word_error_rate(references, hyps)
+    out["wer_alsa"] = word_error_rate(references[:N_ALSA], hyps[:N_ALSA])
+    out["wer_tts"] = word_error_rate(references[N_ALSA:], hyps[N_ALSA:]) if len(references) > N_ALSA else None
+    return out
+
+
+def row_metric(meta: dict) -> str:
+    """The key of a row's score: ``wer`` for Whisper runs, ``ppl`` otherwise (rows of earlier runs have no
+    ``task`` in their metadata: perplexity)."""
+    return "wer" if meta.get("task") == SPEECH else "ppl"
+
+
 def _load_repo_module(name: str, rel_path: str):
     """A stand-alone module of this repository loaded from its file, without importing the package (the
     peer's venv does not have morphoquant installed). Registered in ``sys.modules`` (dataclasses need it)."""
@@ -210,11 +357,21 @@ def _fmt(v, digits: int = 4) -> str:
 
 def table_markdown(rows: list[dict], meta: dict) -> str:
     """The results as Markdown: one row per scheme, then the protocol, command and versions."""
-    fp = next((r.get("ppl") for r in rows if r.get("scheme") == "fp32" and r.get("ppl") is not None), None)
-    lines = [f"# llm-compressor on {meta.get('model')}, scored by MorphoQuant's evaluator", "",
-             ("| recipe | weights | activations | wiki ppl | × FP | calib s | peak RSS MB: load + quantize | "
-              "peak RSS MB: whole run (incl. eval) | act. quant check |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+    key = row_metric(meta)
+    speech = key == "wer"
+    fp = next((r.get(key) for r in rows if r.get("scheme") == "fp32" and r.get(key) is not None), None)
+    lines = [f"# llm-compressor on {meta.get('model')}, scored by MorphoQuant's evaluator", ""]
+    if speech:
+        n_eval = (meta.get("eval") or {}).get("utterances")
+        lines += [(f"Word error rate (corpus-level, normalised) on {n_eval} utterances: WER ALSA = the "
+                   f"{N_ALSA} real speech clips, WER TTS = the text-to-speech sentences."), "",
+                  ("| recipe | weights | activations | word error rate | × FP | WER ALSA | WER TTS | calib s | "
+                   "peak RSS MB: load + quantize | peak RSS MB: whole run (incl. eval) | act. quant check |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        lines += [("| recipe | weights | activations | wiki ppl | × FP | calib s | peak RSS MB: load + quantize | "
+                   "peak RSS MB: whole run (incl. eval) | act. quant check |"),
+                  "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         chk = r.get("act_quant_check") or {}
         if r.get("error"):
@@ -224,16 +381,26 @@ def table_markdown(rows: list[dict], meta: dict) -> str:
                      if chk.get("input_quantized") else f"weights only ({chk['rel_vs_weight_only']:.2g})")
         else:
             check = ""
-        ppl = r.get("ppl")
+        ppl = r.get(key)
         xfp = ppl / fp if (ppl is not None and fp) else None
+        subs = f"{_fmt(r.get('wer_alsa'))} | {_fmt(r.get('wer_tts'))} | " if speech else ""
         lines.append(f"| {r['recipe']} | {r.get('weights', '')} | {r.get('activations', '')} | {_fmt(ppl)} | "
-                     f"{_fmt(xfp, 3)} | {_fmt(r.get('calib_seconds'), 3)} | {_fmt(r.get('peak_rss_mb_calib'), 4)} | "
-                     f"{_fmt(r.get('peak_rss_mb'), 4)} | "
+                     f"{_fmt(xfp, 3)} | {subs}{_fmt(r.get('calib_seconds'), 3)} | "
+                     f"{_fmt(r.get('peak_rss_mb_calib'), 4)} | {_fmt(r.get('peak_rss_mb'), 4)} | "
                      f"{check} |")
-    fp_ours = meta.get("fp_ppl_ours")
+    fp_ours = meta.get("fp_wer_ours" if speech else "fp_ppl_ours")
     agree = f" (peer environment: {_fmt(fp, 6)}, ratio {fp / fp_ours:.6f})" if fp and fp_ours else ""
-    lines += ["", f"FP perplexity in our environment (`TextLMTask.evaluate`): {_fmt(fp_ours, 6)}{agree}",
-              "", "Calibration: " + json.dumps(meta.get("calib")), "", "Evaluation: " + json.dumps(meta.get("eval")),
+    if speech:
+        fp_row = next((r for r in rows if r.get("scheme") == "fp32" and r.get("hypotheses")), None)
+        same = ""
+        if fp_row is not None and meta.get("fp_hypotheses_ours"):
+            n_same = sum(a == b for a, b in zip(fp_row["hypotheses"], meta["fp_hypotheses_ours"]))
+            same = f"; identical FP transcripts: {n_same} of {len(fp_row['hypotheses'])}"
+        lines += ["", (f"FP word error rate in our environment (`SpeechASRTask.evaluate`): "
+                       f"{_fmt(fp_ours, 6)}{agree}{same}")]
+    else:
+        lines += ["", f"FP perplexity in our environment (`TextLMTask.evaluate`): {_fmt(fp_ours, 6)}{agree}"]
+    lines += ["", "Calibration: " + json.dumps(meta.get("calib")), "", "Evaluation: " + json.dumps(meta.get("eval")),
               "", f"Command: `{meta.get('command')}`", "",
               "Versions (ours): " + ", ".join(f"{k} {v}" for k, v in (meta.get("versions_ours") or {}).items()),
               "", "Versions (peer): " + ", ".join(f"{k} {v}" for k, v in (meta.get("versions_peer") or {}).items())]
@@ -290,6 +457,96 @@ def _git_commit() -> str:
     return r.stdout.strip() if r.returncode == 0 else "unknown"
 
 
+def model_task(model) -> str:
+    """``speech-asr`` for a Whisper model (``model_type`` ``whisper`` in its config.json), else ``text-lm``."""
+    from morphoquant.zoo.registry import resolve_model
+
+    cfg = Path(resolve_model(model)) / "config.json"
+    try:
+        mtype = json.loads(cfg.read_text()).get("model_type")
+    except (OSError, ValueError):
+        mtype = None
+    return SPEECH if mtype == "whisper" else "text-lm"
+
+
+def check_schemes_for_task(schemes: list[str], task: str) -> None:
+    """Refuse schemes llm-compressor cannot apply to this kind of model (module docstring)."""
+    if task == SPEECH:
+        bad = [s for s in schemes if SCHEMES[s]["transform"] == "spinquant"]
+        if bad:
+            raise PeerError(f"{', '.join(bad)}: llm-compressor's SpinQuant has only Llama-style mappings (RMSNorm "
+                            "input_layernorm / post_attention_layernorm, o_proj, up/gate/down_proj, lm_head); "
+                            "Whisper's LayerNorms with bias, out_proj, fc1/fc2 and encoder-decoder stacks match "
+                            "none of them. Drop it from --schemes")
+
+
+def _base_meta(args, model_dir, data: dict, digests: dict) -> dict:
+    return {"model": args.model, "model_dir": str(model_dir), **data, **digests,
+            "group_size": args.group_size, "threads": args.threads,
+            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+
+
+def prepare_speech(args, out: Path) -> tuple[dict, object]:
+    """Whisper: export the calibration and evaluation data, score FP in our environment; returns the run's
+    metadata and the row scorer (:func:`score_speech_row` with our tokenizer and the references)."""
+    import torch
+
+    from morphoquant.eval.tasks import SpeechASRTask
+    from morphoquant.eval.wer import (
+        transcribe_whisper_features,
+        whisper_features,
+        whisper_prompt_ids,
+        word_error_rate,
+    )
+    from morphoquant.pipeline.runner import environment_versions
+    from morphoquant.zoo import load_model
+    from morphoquant.zoo.registry import resolve_model
+
+    model_dir = resolve_model(args.model)
+    model, proc = load_model(args.model)
+    widths = sorted({m.in_features for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != HEAD[SPEECH]})
+    check_group_size(widths, args.group_size)
+    task = SpeechASRTask(proc, eval_sentences=args.eval_size)
+    t = time.time()
+    # exactly what `morphoquant compare whisper-tiny.en --calib N --eval-size K` (seed S) feeds and scores
+    samples = task.calibration_samples(args.calib, 0, args.seed)
+    items = task.eval_items()
+    references = [r for r, _ in items]
+    eval_features = whisper_features(proc.feature_extractor, [w for _, w in items])
+    prompt = whisper_prompt_ids(proc.tokenizer, model)
+    print(f"speech data built ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
+    data = {"task": SPEECH, "metric": "wer",
+            "calib": {"split": "wiki calibration sentences, text-to-speech (espeak-ng, 4 voices / speeds)",
+                      "utterances": len(samples), "seed": args.seed, "decoder_inputs": "prompt + transcript + eos"},
+            "eval": {"split": "8 ALSA speech clips + text-to-speech of wiki evaluation sentences",
+                     "utterances": len(items), "alsa": N_ALSA, "tts": len(items) - N_ALSA,
+                     "decoding": "greedy, forced prompt, <= 64 new tokens"}}
+    wmeta = export_speech(out / "speech.safetensors", torch.cat([s["input_features"] for s in samples]).float(),
+                          [s["decoder_input_ids"][0] for s in samples], eval_features, references, prompt,
+                          {"model": args.model, **data})
+    t = time.time()
+    fp = task.evaluate(model, progress=False)
+    # the same model on the exported features must transcribe identically (the file holds the task's data)
+    hyps = transcribe_whisper_features(model, proc.tokenizer, eval_features)
+    fp_export = word_error_rate(references, hyps)
+    if fp_export != fp["wer"]:
+        raise PeerError(f"FP WER on the exported features ({fp_export}) differs from SpeechASRTask.evaluate "
+                        f"({fp['wer']}): the exported evaluation features are not the task's")
+    print(f"FP32 WER in our environment: {fp['wer']:.4f} (alsa {fp['wer_alsa']:.4f}, tts {fp['wer_tts']:.4f}; "
+          f"{time.time() - t:.0f} s)", file=sys.stderr, flush=True)
+    del model
+    tok = proc.tokenizer
+    meta = {**_base_meta(args, model_dir, data, {k: wmeta[k] for k in ("calibration_sha256", "evaluation_sha256")}),
+            "fp_wer_ours": fp["wer"], "fp_wer_alsa_ours": fp["wer_alsa"], "fp_wer_tts_ours": fp["wer_tts"],
+            "fp_hypotheses_ours": hyps, "prompt_ids": prompt,
+            "versions_ours": {**environment_versions(), "git": _git_commit()}}
+
+    def scorer(row: dict) -> dict:
+        return score_speech_row(row, references, lambda ids: tok.decode(ids, skip_special_tokens=True).strip())
+    return meta, scorer
+
+
 def prepare(args, out: Path) -> dict:
     """Export the windows and score FP in our environment; returns the run's metadata."""
     import torch
@@ -325,9 +582,13 @@ def prepare(args, out: Path) -> dict:
             "versions_ours": {**environment_versions(), "git": _git_commit()}}
 
 
-def run_scheme(py: Path, out: Path, scheme: str, meta: dict, args) -> dict:
-    """One peer process for ``scheme``; returns its row (with ``error`` set when the process failed)."""
-    job = {"scheme": scheme, "model_dir": meta["model_dir"], "windows": str(out / "windows.safetensors"),
+def run_scheme(py: Path, out: Path, scheme: str, meta: dict, args, scorer=None) -> dict:
+    """One peer process for ``scheme``; returns its row (with ``error`` set when the process failed).
+    ``scorer`` (Whisper) turns the worker's hypotheses into word error rates in our environment."""
+    speech = meta.get("task") == SPEECH
+    key = row_metric(meta)
+    job = {"scheme": scheme, "model_dir": meta["model_dir"], "task": meta.get("task", "text-lm"),
+           "windows": str(out / ("speech.safetensors" if speech else "windows.safetensors")),
            "group_size": args.group_size, "threads": args.threads, "seed": args.seed,
            "row_path": str(out / "rows" / f"{scheme}.json")}
     (out / "rows").mkdir(parents=True, exist_ok=True)
@@ -347,14 +608,16 @@ def run_scheme(py: Path, out: Path, scheme: str, meta: dict, args) -> dict:
     if r.returncode != 0 or not row_path.exists():
         tail = (out / "logs" / f"{scheme}.log").read_text(errors="replace").strip().splitlines()[-5:]
         w, a = scheme_formats(scheme, args.group_size)
-        row = {"recipe": f"llmc-{scheme}", "scheme": scheme, "weights": w, "activations": a, "ppl": None,
+        row = {"recipe": f"llmc-{scheme}", "scheme": scheme, "weights": w, "activations": a, key: None,
                "model": meta["model"], "calib": meta["calib"], "eval": meta["eval"],
                "error": f"exit {r.returncode}:\n" + "\n".join(tail)}
     else:
         row = json.loads(row_path.read_text())
+        if scorer is not None:
+            row = scorer(row)
     row["wall_seconds"] = time.time() - t
     row["command"] = meta["command"]  # kept rows of earlier runs keep the command that produced them
-    print(f"   {scheme}: ppl {row.get('ppl')}  ({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
+    print(f"   {scheme}: {key} {row.get(key)}  ({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
     return row
 
 
@@ -364,10 +627,15 @@ def main(argv: list[str] | None = None) -> int:
         return worker(Path(argv[1]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="zoo name or local HF directory")
-    p.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES), help=f"comma list from {', '.join(SCHEMES)}")
-    p.add_argument("--calib", type=int, default=16, help="calibration windows (as morphoquant quantize --calib)")
-    p.add_argument("--seq-len", type=int, default=512, help="calibration and evaluation window length")
-    p.add_argument("--eval-size", type=int, default=8, help="evaluation windows")
+    p.add_argument("--schemes", default=None,
+                   help=f"comma list from {', '.join(SCHEMES)} (default: {','.join(DEFAULT_SCHEMES)}; Whisper: "
+                        f"{','.join(SPEECH_DEFAULT_SCHEMES)})")
+    p.add_argument("--calib", type=int, default=16,
+                   help="calibration windows / utterances (as morphoquant quantize --calib)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration and evaluation window length (LMs)")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="evaluation windows (default 8); Whisper: text-to-speech sentences besides the 8 ALSA "
+                        "clips (default 16)")
     p.add_argument("--seed", type=int, default=0, help="calibration window seed (as morphoquant quantize --seed)")
     p.add_argument("--group-size", type=int, default=64, help="int4 weight group size (64 = ours)")
     p.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads of the peer process")
@@ -377,12 +645,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="re-run schemes that already have a row")
     args = p.parse_args(argv)
     try:
-        schemes = parse_schemes(args.schemes)
+        task = model_task(args.model)
+        speech = task == SPEECH
+        schemes = parse_schemes(args.schemes or ",".join(SPEECH_DEFAULT_SCHEMES if speech else DEFAULT_SCHEMES))
+        check_schemes_for_task(schemes, task)
+        if args.eval_size is None:
+            args.eval_size = 16 if speech else 8
         out = args.out or REPO / "runs" / "peer-llmc" / Path(str(args.model)).name
         py = ensure_venv(args.venv)
         import torch
         torch.set_num_threads(args.threads)
-        meta = prepare(args, out)
+        scorer = None
+        if speech:
+            meta, scorer = prepare_speech(args, out)
+        else:
+            meta = prepare(args, out)
         prev = previous_rows(out / "peer.json", meta)
         # rows of schemes not asked for this time (same windows) stay in the table; rows in SCHEMES order
         order = [s for s in SCHEMES if s in schemes or s in prev]
@@ -393,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== {s}: kept from {out / 'peer.json'} (--overwrite re-runs it)", file=sys.stderr)
                 done[s] = prev[s]
             else:
-                done[s] = run_scheme(py, out, s, meta, args)
+                done[s] = run_scheme(py, out, s, meta, args, scorer)
             rows = [done.get(x) or prev[x] for x in order if x in done or x in prev]
             meta["versions_peer"] = next((r["versions"] for r in rows if r.get("versions")), None)
             write_table(out, rows, meta)
@@ -414,13 +691,18 @@ def _our_perplexity_module():
     return _load_repo_module("_mq_perplexity", "src/morphoquant/eval/perplexity.py")
 
 
-def llmc_modifiers(scheme: str, group_size: int) -> list:
-    """llm-compressor modifiers for ``scheme``: every Linear except lm_head."""
+def _our_wer_module():
+    """``src/morphoquant/eval/wer.py`` loaded from its file (greedy Whisper decoding; needs torch and numpy)."""
+    return _load_repo_module("_mq_wer", "src/morphoquant/eval/wer.py")
+
+
+def llmc_modifiers(scheme: str, group_size: int, head: str = "lm_head") -> list:
+    """llm-compressor modifiers for ``scheme``: every Linear except the output head ``head``."""
     from compressed_tensors.quantization import QuantizationArgs
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     s = SCHEMES[scheme]
-    ignore = ["lm_head"]
+    ignore = [head]
     if s["w_bits"] == 8:
         quant = {"scheme": "W8A8", "targets": ["Linear"], "ignore": ignore}
     else:
@@ -452,8 +734,9 @@ def fake_quant_per_token(x, bits: int):
     return (q * scale).to(x.dtype)
 
 
-def activation_quant_check(model, window) -> dict:
-    """Prove, on the first quantized Linear and one window, whether its inputs are quantized (module docstring)."""
+def activation_quant_check(model, inputs: dict, head: str = "lm_head") -> dict:
+    """Prove, on the first quantized Linear and one input (``model(**inputs)``: one window, or one utterance's
+    features with the decoder prompt), whether its inputs are quantized (module docstring)."""
     import torch
     import torch.nn.functional as F
     from compressed_tensors.quantization import QuantizationStatus
@@ -468,7 +751,7 @@ def activation_quant_check(model, window) -> dict:
     h = mod.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].detach().clone()))
     try:
         with torch.no_grad():
-            model(input_ids=window[None])
+            model(**inputs)
     finally:
         h.remove()
     x = seen["x"]
@@ -489,7 +772,7 @@ def activation_quant_check(model, window) -> dict:
             "rel_vs_weight_only": rel(y, y_w), "rel_vs_expected": rel(y, y_e),
             "quantized_linears": len(quantized),
             "with_input_quant": sum(m.quantization_scheme.input_activations is not None for _, m in quantized),
-            "lm_head_quantized": any(n.endswith("lm_head") for n, _ in quantized)}
+            f"{head}_quantized": any(n.split(".")[-1] == head for n, _ in quantized)}
 
 
 def peak_rss_mb() -> float:
@@ -506,11 +789,104 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _peer_versions(torch, transformers, llmcompressor, compressed_tensors) -> dict:
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
+            "python": platform.python_version(), "threads": str(torch.get_num_threads())}
+
+
+def worker_speech(job: dict) -> int:
+    """Whisper: quantize with llm-compressor, transcribe the evaluation features greedily with our decoder, write
+    the hypotheses (the driver computes the word error rates)."""
+    import torch
+
+    torch.set_num_threads(int(job["threads"]))
+    torch.manual_seed(int(job["seed"]))
+    import compressed_tensors
+    import llmcompressor
+    import transformers
+    from transformers import AutoTokenizer, WhisperForConditionalGeneration
+
+    wer_mod = _our_wer_module()
+    calib, eval_features, _references, wmeta = load_speech(Path(job["windows"]))
+    prompt = json.loads(wmeta["prompt_ids"])
+    scheme = job["scheme"]
+    spec = SCHEMES[scheme]
+    head = HEAD[SPEECH]
+    t = time.time()
+    model = WhisperForConditionalGeneration.from_pretrained(job["model_dir"], dtype=torch.float32)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(job["model_dir"])
+    load_s = time.time() - t
+    if wer_mod.whisper_prompt_ids(tok, model) != prompt:
+        raise RuntimeError(f"the peer's tokenizer gives the prompt {wer_mod.whisper_prompt_ids(tok, model)}, "
+                           f"ours {prompt}")
+    row: dict = {"recipe": f"llmc-{scheme}", "scheme": scheme}
+    row["weights"], row["activations"] = scheme_formats(scheme, int(job["group_size"]))
+    calib_s, seen_rows, mods = None, [], []
+    if spec["method"] is not None:
+        from llmcompressor import oneshot
+        from torch.utils.data import DataLoader
+
+        mods = llmc_modifiers(scheme, int(job["group_size"]), head=head)
+        # RTN with dynamic activations is data-free in llm-compressor; GPTQ / transforms see our utterances.
+        needs_data = spec["method"] == "gptq" or spec["transform"] is not None
+        loader = DataLoader(calib, batch_size=None, shuffle=False) if needs_data else None
+        embed = model.get_input_embeddings()     # the decoder's token embedding: sees the decoder_input_ids
+
+        def record(module, args):  # the sequential pipeline also traces with meta tensors: skip those
+            if not args[0].is_meta:
+                seen_rows.extend(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
+        h = embed.register_forward_pre_hook(record)
+        t = time.time()
+        try:
+            oneshot(model=model, tokenizer=job["model_dir"], recipe=mods, dataset=loader,
+                    num_calibration_samples=len(calib), shuffle_calibration_samples=False,
+                    **({"pipeline": SPEECH_PIPELINE} if needs_data else {}))
+        finally:
+            h.remove()
+        calib_s = time.time() - t
+        row["llmc_pipeline"] = SPEECH_PIPELINE if needs_data else "independent (data-free)"
+        # oneshot leaves compressed-tensors' offload wrapper on every module; its `send_tensors` rebuilds dict
+        # arguments as plain dicts, so WhisperModel.forward gets `encoder_outputs` (a BaseModelOutput) as a dict
+        # and fails (`encoder_outputs[0]`: KeyError 0) in generate. Removing the (CPU -> CPU) dispatch keeps the
+        # quantized forwards: the activation check below runs on the unwrapped model.
+        from compressed_tensors.offload import remove_dispatch
+        remove_dispatch(model)
+    rss_calib = peak_rss_mb()
+    check = None
+    if spec["method"] is not None:
+        check = activation_quant_check(model, {"input_features": eval_features[:1],
+                                               "decoder_input_ids": torch.tensor([prompt])}, head=head)
+    calib_set = {tuple(s["decoder_input_ids"][0].tolist()) for s in calib}
+    seen_set = {tuple(r.tolist()) for r in seen_rows}
+    t = time.time()
+    texts, tokens = wer_mod.transcribe_whisper_features(model, tok, eval_features, return_tokens=True)
+    row.update({
+        "wer": None, "hypotheses": texts, "hypothesis_tokens": tokens, "model": wmeta.get("model"),
+        "calib_seconds": calib_s, "eval_seconds": time.time() - t, "load_seconds": load_s,
+        "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_calib": rss_calib, "peak_rss_source": "VmHWM",
+        # the decoder embedding's inputs during oneshot: which utterances reached the model, and are they ours?
+        "calib_forward_calls": len(seen_rows), "calib_utterances_distinct_seen": len(seen_set),
+        "calib_utterances_seen_are_ours": seen_set <= calib_set, "calib_utterances_all_used": seen_set == calib_set,
+        "act_quant_check": check, "llmc_recipe": [repr(m) for m in mods],
+        "calibration_sha256": wmeta["calibration_sha256"], "evaluation_sha256": wmeta["evaluation_sha256"],
+        "versions": _peer_versions(torch, transformers, llmcompressor, compressed_tensors),
+    })
+    row["calib"] = {"utterances": len(calib), "used": bool(seen_rows), "sha256": wmeta["calibration_sha256"]}
+    row["eval"] = {"utterances": int(eval_features.shape[0]), "sha256": wmeta["evaluation_sha256"]}
+    atomic_write_text(Path(job["row_path"]), json.dumps(row, indent=2, default=str) + "\n")
+    print(json.dumps({k: row[k] for k in ("recipe", "calib_seconds", "eval_seconds", "peak_rss_mb")}), flush=True)
+    return 0
+
+
 def worker(job_path: Path) -> int:
     """Quantize with llm-compressor and score with our perplexity in this (the peer's) process."""
     import torch
 
     job = json.loads(Path(job_path).read_text())
+    if job.get("task") == SPEECH:
+        return worker_speech(job)
     torch.set_num_threads(int(job["threads"]))
     torch.manual_seed(int(job["seed"]))
     import compressed_tensors
@@ -554,7 +930,7 @@ def worker(job_path: Path) -> int:
             h.remove()
         calib_s = time.time() - t
     rss_calib = peak_rss_mb()
-    check = activation_quant_check(model, evalw[0]) if spec["method"] is not None else None
+    check = activation_quant_check(model, {"input_ids": evalw[0][None]}) if spec["method"] is not None else None
     calib_set = {tuple(r.tolist()) for r in calib}
     seen_set = {tuple(r.tolist()) for r in seen_rows}
     t = time.time()
