@@ -541,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="output directory (one sub-directory per recipe)")
     q.add_argument("--calib", type=int, default=None, help="number of calibration samples")
     q.add_argument("--seq-len", type=int, default=None, help="calibration/evaluation sequence length")
-    q.add_argument("--eval-size", type=int, default=8, help="evaluation windows / sentences")
+    q.add_argument("--eval-size", type=int, default=8,
+                   help="evaluation size: text windows, Whisper sentences, DINOv2 images, OmniMini image-QA items")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (dotted keys)")
     q.add_argument("--no-eval", action="store_true")
@@ -557,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output directory (compare.md/.csv/.json + one dir per recipe)")
     c.add_argument("--calib", type=int, default=None)
     c.add_argument("--seq-len", type=int, default=None)
-    c.add_argument("--eval-size", type=int, default=16)
+    c.add_argument("--eval-size", type=int, default=16, help="evaluation size (as for quantize)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--set", action="append", default=[])
     c.add_argument("--sanity", action="store_true", help="add a W8A8 variant of every method (must stay near FP)")
@@ -567,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model or a quantized checkpoint directory")
     e.add_argument("model")
-    e.add_argument("--eval-size", type=int, default=16)
+    e.add_argument("--eval-size", type=int, default=16, help="evaluation size (as for quantize)")
     e.add_argument("--seq-len", type=int, default=None)
     e.set_defaults(func=cmd_eval)
 

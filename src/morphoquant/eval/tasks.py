@@ -171,12 +171,16 @@ class VisionTask(Task):
 def task_for(model: nn.Module, processor, **kw) -> Task:
     """The built-in task that fits ``model``; :class:`TaskError` listing the kinds otherwise."""
     name = type(model).__name__
+    # the CLI's --eval-size arrives as eval_windows; it sizes every task (windows, sentences, images, items)
+    size = kw.get("eval_windows")
     if name.endswith("ForCausalLM"):
         return TextLMTask(processor, **{k: v for k, v in kw.items() if k in ("eval_windows", "seq_len")})
     if name.startswith("Whisper"):
-        return SpeechASRTask(processor, **{k: v for k, v in kw.items() if k in ("eval_sentences",)})
+        size = kw.get("eval_sentences", size)
+        return SpeechASRTask(processor, **({"eval_sentences": size} if size is not None else {}))
     if name.startswith("Dinov2"):
-        return VisionTask(processor)
+        size = kw.get("eval_images", size)
+        return VisionTask(processor, **({"eval_images": size} if size is not None else {}))
     if name.startswith("OmniMini"):
         from .omnimini import OmniMiniTask
         return OmniMiniTask(processor, eval_size=kw.get("eval_windows"))

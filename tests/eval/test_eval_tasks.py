@@ -1,0 +1,31 @@
+"""task_for: the built-in task of each model kind, sized by the CLI's --eval-size (passed as eval_windows)."""
+import pytest
+from torch import nn
+
+from morphoquant.eval.tasks import SpeechASRTask, TaskError, TextLMTask, VisionTask, task_for
+
+
+def _named(name):
+    return type(name, (nn.Module,), {})()
+
+
+@pytest.mark.parametrize("name, cls", [("LlamaForCausalLM", TextLMTask),
+                                       ("WhisperForConditionalGeneration", SpeechASRTask),
+                                       ("Dinov2Model", VisionTask)])
+def test_eval_size_reaches_every_task(name, cls):
+    task = task_for(_named(name), processor=None, eval_windows=5, seq_len=64)
+    assert isinstance(task, cls) and task.eval_size == 5
+
+
+def test_defaults_without_a_size():
+    assert task_for(_named("WhisperForConditionalGeneration"), None).eval_size == 16
+    assert task_for(_named("Dinov2Model"), None).eval_size == 8
+
+
+def test_task_specific_size_wins():
+    assert task_for(_named("WhisperForConditionalGeneration"), None, eval_windows=5, eval_sentences=7).eval_size == 7
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(TaskError, match="no built-in calibration/evaluation task for BertModel"):
+        task_for(_named("BertModel"), None)
