@@ -2,7 +2,9 @@
 and scripts/bench_memory.py): a finished block holds only integer codes and scales — no fp32 copy of its weights."""
 import gc
 import weakref
+from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -46,3 +48,16 @@ def test_released_cache_is_rebuilt_with_the_same_result():
         b = model(**sample).logits
     assert freed > 0
     assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_peak_rss_is_measured_from_the_last_reset():
+    # compare resets the mark before each row: a small row after a large one must not report the large peak
+    from morphoquant.pipeline.runner import peak_rss_mb, reset_peak_rss
+    big = torch.ones(300 * 2 ** 20 // 4)          # 300 MiB, touched
+    big += 1
+    high = peak_rss_mb()
+    del big
+    assert reset_peak_rss()
+    low = peak_rss_mb()
+    assert high - low > 200, (high, low)

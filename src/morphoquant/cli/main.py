@@ -118,7 +118,7 @@ def cmd_quantize(args) -> int:
     from ..eval.tasks import task_for
     from ..models import get_adapter
     from ..pipeline.recipe import load_recipe
-    from ..pipeline.runner import peak_rss_mb
+    from ..pipeline.runner import peak_rss_mb, reset_peak_rss
 
     torch.manual_seed(args.seed)
     overrides = _parse_set(args.set)
@@ -172,6 +172,7 @@ def cmd_quantize(args) -> int:
         if key not in calib_cache:
             calib_cache[key] = task.calibration_samples(*key)
         samples = calib_cache[key]
+        reset_peak_rss()        # each row's peak memory is its own, not the largest of the rows before it
         qmodel = copy.deepcopy(model)
         if out:
             _check_out_dir(out, args.model, recipe.name, args.overwrite)
