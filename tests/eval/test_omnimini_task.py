@@ -205,3 +205,23 @@ def test_reference_cache_is_dropped_when_the_reference_changes(omni):
         ref.audio_projector.fc2.weight.mul_(3.0)            # in place: same tensors, new version
     assert task.modality_kl(model, ref)["kl_audio"] > 0
     assert task.modality_kl(model, model)["kl_audio"] == 0.0  # another reference object
+
+
+def test_task_description_names_the_projectors(omni):
+    # compare reuses a finished row only when the task description matches: retrained projectors must not
+    # inherit the rows of the old ones
+    import copy
+
+    from morphoquant.models.omnimini import projector_digest
+    model, proc = omni
+    first = task_for(model, proc).describe()
+    assert first["projectors_sha256"] == projector_digest(model)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(p for n, p in other.named_parameters() if n.startswith("audio_projector")).add_(1e-3)
+    assert task_for(other, proc).describe()["projectors_sha256"] != first["projectors_sha256"]
+    # the decoder's own weights are not part of it (they are the zoo's, unmodified)
+    again = copy.deepcopy(model)
+    with torch.no_grad():
+        next(p for n, p in again.named_parameters() if n.startswith("language_model")).add_(1.0)
+    assert task_for(again, proc).describe() == first

@@ -79,7 +79,8 @@ class OmniMiniTask(Task):
     table_metrics = TABLE_METRICS
 
     def __init__(self, processor, sizes: dict | None = None, seq_len: int = 256,
-                 calib_kinds: tuple[str, ...] = CALIB_KINDS, seed: int = 0, eval_size: int | None = None):
+                 calib_kinds: tuple[str, ...] = CALIB_KINDS, seed: int = 0, eval_size: int | None = None,
+                 projectors_sha256: str | None = None):
         base = DEFAULT_SIZES if eval_size is None else sizes_for_eval_size(eval_size)
         self.sizes = {**base, **(sizes or {})}
         unknown = set(self.sizes) - set(DEFAULT_SIZES)
@@ -91,12 +92,14 @@ class OmniMiniTask(Task):
         super().__init__("omnimini", processor, self.sizes["image_qa"], seq_len, "omni_acc", False)
         self.calib_kinds = tuple(calib_kinds)
         self.seed = seed
+        self.projectors_sha256 = projectors_sha256     # which trained projectors (models.omnimini.projector_digest)
 
     def describe(self) -> dict:
         mods = sorted({m for k in self.calib_kinds for m in KIND_MODALITIES[k]}, key=CALIB_MODALITIES.index)
         return {**super().describe(), "sizes": self.sizes, "calib_kinds": list(self.calib_kinds),
                 "calib_modalities": mods,
-                "answer_selection": "scoring of the candidate answers of the question's type (sum of token log-probs)"}
+                "answer_selection": "scoring of the candidate answers of the question's type (sum of token log-probs)",
+                **({"projectors_sha256": self.projectors_sha256} if self.projectors_sha256 else {})}
 
     def restrict_calibration_modalities(self, modalities) -> tuple[str, ...]:
         """Calibrate only on documents holding tokens of ``modalities`` (see :func:`calib_kinds_for_modalities`);

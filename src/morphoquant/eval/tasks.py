@@ -182,8 +182,10 @@ def task_for(model: nn.Module, processor, **kw) -> Task:
         size = kw.get("eval_images", size)
         return VisionTask(processor, **({"eval_images": size} if size is not None else {}))
     if name.startswith("OmniMini"):
+        from ..models.omnimini import projector_digest
         from .omnimini import OmniMiniTask
-        return OmniMiniTask(processor, eval_size=kw.get("eval_windows"))
+        # the digest is part of the task's description: rows measured with other projectors are never reused
+        return OmniMiniTask(processor, eval_size=kw.get("eval_windows"), projectors_sha256=projector_digest(model))
     raise TaskError(f"no built-in calibration/evaluation task for {name}; built-in tasks cover causal LMs "
                     "(wiki perplexity), Whisper (word error rate), DINOv2 (feature fidelity) and OmniMini. Use "
                     "the Python API with your own calibration samples for other models.")

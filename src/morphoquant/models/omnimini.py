@@ -370,6 +370,20 @@ class OmniMiniForConditionalGeneration(nn.Module):
 TRAINED_PREFIXES = ("image_projector", "audio_projector", "extra_embeddings")
 
 
+def projector_digest(model: nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of OmniMini's trained weights (the :data:`TRAINED_PREFIXES` parameters:
+    names, shapes, dtypes and bytes). Identifies which projectors a result was measured with, so results of
+    different trainings are never mixed (``compare`` reuses a finished row only for the same digest)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if name.split(".")[0] in TRAINED_PREFIXES:
+            t = p.detach().cpu().contiguous()
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def lin_std(lin: nn.Linear) -> float:
     return 1.0 / math.sqrt(lin.in_features)
 
