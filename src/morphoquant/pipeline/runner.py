@@ -55,8 +55,7 @@ def reset_peak_rss() -> bool:
     ``/proc/self/clear_refs``), so that :func:`peak_rss_mb` measures from here — one row of ``compare`` rather
     than the largest row run before it in the same process. False where the system does not allow it."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
@@ -66,10 +65,9 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process (MiB): ``VmHWM`` (since start or the last :func:`reset_peak_rss`),
     ``ru_maxrss`` (since start) where ``/proc`` is missing."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
