@@ -97,7 +97,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -776,17 +775,17 @@ def activation_quant_check(model, inputs: dict, head: str = "lm_head") -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process image in MiB: ``VmHWM`` of ``/proc/self/status`` (Linux).
+    """Peak resident memory of this process image in MiB (``VmHWM``): our ``utils/memory.py``, loaded from its file."""
+    return _load_repo_module("_mq_memory", "src/morphoquant/utils/memory.py").peak_rss_mb()
 
-    Not ``ru_maxrss``: Linux carries a parent's high-water mark through fork + exec, so a worker started by a
-    driver holding a model would report the driver's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def _record_embedding_inputs(model, seen_rows: list):
+    """A pre-hook on the input embedding appending every token-id row it sees to ``seen_rows`` (which windows /
+    utterances reached the model during ``oneshot``); returns the hook handle."""
+    def record(module, args):  # the sequential pipeline also traces with meta tensors: skip those
+        if not args[0].is_meta:
+            seen_rows.extend(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
+    return model.get_input_embeddings().register_forward_pre_hook(record)
 
 
 def _peer_versions(torch, transformers, llmcompressor, compressed_tensors) -> dict:
@@ -832,12 +831,8 @@ def worker_speech(job: dict) -> int:
         # RTN with dynamic activations is data-free in llm-compressor; GPTQ / transforms see our utterances.
         needs_data = spec["method"] == "gptq" or spec["transform"] is not None
         loader = DataLoader(calib, batch_size=None, shuffle=False) if needs_data else None
-        embed = model.get_input_embeddings()     # the decoder's token embedding: sees the decoder_input_ids
-
-        def record(module, args):  # the sequential pipeline also traces with meta tensors: skip those
-            if not args[0].is_meta:
-                seen_rows.extend(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
-        h = embed.register_forward_pre_hook(record)
+        # the decoder's token embedding: sees the decoder_input_ids
+        h = _record_embedding_inputs(model, seen_rows)
         t = time.time()
         try:
             oneshot(model=model, tokenizer=job["model_dir"], recipe=mods, dataset=loader,
@@ -916,11 +911,7 @@ def worker(job_path: Path) -> int:
         if needs_data:
             items = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in calib]
             loader = DataLoader(items, batch_size=None, shuffle=False)
-        embed = model.get_input_embeddings()
-        def record(module, args):  # the sequential pipeline also traces with meta tensors: skip those
-            if not args[0].is_meta:
-                seen_rows.extend(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
-        h = embed.register_forward_pre_hook(record)
+        h = _record_embedding_inputs(model, seen_rows)
         t = time.time()
         try:
             oneshot(model=model, tokenizer=job["model_dir"], recipe=mods, dataset=loader,

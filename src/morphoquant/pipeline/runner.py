@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from ..methods.mquant import modality_context
 from ..statistics import ALL, ActivationCollector, InputSampler, Modality, ModalityStats
 from ..statistics.collector import HessianObserver
 from ..utils.atomic import write_error
+from ..utils.memory import peak_rss_mb, reset_peak_rss  # noqa: F401  (re-exported: compare uses both)
 from .recipe import Recipe
 from .stack import BlockStack, Sample
 
@@ -48,29 +48,6 @@ class CalibrationDataError(ValueError):
 
 class _StopForward(Exception):
     pass
-
-
-def reset_peak_rss() -> bool:
-    """Lower the kernel's peak-RSS mark of this process to its current RSS (Linux ≥ 4.0: ``5`` written to
-    ``/proc/self/clear_refs``), so that :func:`peak_rss_mb` measures from here — one row of ``compare`` rather
-    than the largest row run before it in the same process. False where the system does not allow it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (MiB): ``VmHWM`` (since start or the last :func:`reset_peak_rss`),
-    ``ru_maxrss`` (since start) where ``/proc`` is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 OFFLOAD_PREFIX = "morphoquant-acts-"
