@@ -936,9 +936,7 @@ def worker(job_path: Path) -> int:
         "calib_windows_seen_are_ours": seen_set <= calib_set, "calib_windows_all_used": seen_set == calib_set,
         "act_quant_check": check, "llmc_recipe": [repr(m) for m in mods],
         "calibration_sha256": wmeta["calibration_sha256"], "evaluation_sha256": wmeta["evaluation_sha256"],
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
-                     "python": platform.python_version(), "threads": str(torch.get_num_threads())},
+        "versions": _peer_versions(torch, transformers, llmcompressor, compressed_tensors),
     })
     row["calib"] = {"windows": int(calib.shape[0]), "seq_len": int(calib.shape[1]), "used": bool(seen_rows),
                     "sha256": wmeta["calibration_sha256"]}
