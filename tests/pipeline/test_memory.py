@@ -53,7 +53,7 @@ def test_released_cache_is_rebuilt_with_the_same_result():
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_peak_rss_is_measured_from_the_last_reset():
     # compare resets the mark before each row: a small row after a large one must not report the large peak
-    from morphoquant.pipeline.runner import peak_rss_mb, reset_peak_rss
+    from morphoquant.utils.memory import peak_rss_mb, reset_peak_rss
     big = torch.ones(300 * 2 ** 20 // 4)          # 300 MiB, touched
     big += 1
     high = peak_rss_mb()

@@ -118,7 +118,7 @@ def cmd_quantize(args) -> int:
     from ..eval.tasks import task_for
     from ..models import get_adapter
     from ..pipeline.recipe import load_recipe
-    from ..pipeline.runner import peak_rss_mb, reset_peak_rss
+    from ..utils.memory import peak_rss_mb, reset_peak_rss
 
     torch.manual_seed(args.seed)
     overrides = _parse_set(args.set)

@@ -35,7 +35,7 @@ from ..methods.mquant import modality_context
 from ..statistics import ALL, ActivationCollector, InputSampler, Modality, ModalityStats
 from ..statistics.collector import HessianObserver
 from ..utils.atomic import write_error
-from ..utils.memory import peak_rss_mb, reset_peak_rss  # noqa: F401  (re-exported: compare uses both)
+from ..utils.memory import peak_rss_mb
 from .recipe import Recipe
 from .stack import BlockStack, Sample
 
