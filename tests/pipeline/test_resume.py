@@ -44,3 +44,27 @@ def test_sigkill_then_resume_gives_identical_model(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_resumed_run_counts_the_checkpointed_calibration_seconds(tmp_path):
+    """A resumed run reports the seconds its checkpoint recorded plus its own, not only the resumed part."""
+    import time
+
+    from morphoquant import quantize
+    from morphoquant.models.tiny import tiny_model
+    from morphoquant.pipeline.recipe import load_recipe
+
+    ck = tmp_path / "ck"
+    killed = _run(tmp_path, tmp_path / "killed.pt", str(ck), {"MORPHOQUANT_FAULT_KILL_AFTER_BLOCK": "1"})
+    assert killed.returncode == -signal.SIGKILL
+    saved = torch.load(ck / "report.pt", weights_only=False)
+    assert saved["seconds"] > 0
+    # pretend the first attempt's block took 1000 s; the resumed report must carry it
+    saved["seconds"] = 1000.0
+    torch.save(saved, ck / "report.pt")
+    model, factory = tiny_model("llama")
+    samples = [factory(seed=s) for s in range(2)]
+    recipe = load_recipe("morpho", {"weights": {"group_size": 16}})
+    t0 = time.time()
+    report = quantize(model, recipe, samples, progress=False, resume_dir=ck)
+    assert 1000.0 < report.seconds <= 1000.0 + (time.time() - t0) + 1e-6

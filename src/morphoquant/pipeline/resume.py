@@ -7,7 +7,7 @@ crash between writes leaves the previous consistent state)::
     state.pt                 the method's whole-model state (e.g. global thresholds)
     blocks/<stack>.<i>.pt    the quantized modules of block i (name -> QuantLinear)
     acts.pt                  the propagated inputs of the next block
-    report.pt                records, per-channel arrays and pass-through list so far
+    report.pt                records, per-channel arrays, pass-through list and calibration seconds so far
 
 The fingerprint covers the recipe, the calibration samples and the model (config + parameter checksum), so a
 checkpoint is never applied to a different run.
@@ -92,7 +92,7 @@ class ResumeCheckpoint:
         _atomic_save(modules, self.dir / "blocks" / f"{stack}.{index}.pt")
         _atomic_save(acts, self.dir / "acts.pt")
         _atomic_save({"records": report.records, "channels": report.channels,
-                      "passthrough": report.passthrough}, self.dir / "report.pt")
+                      "passthrough": report.passthrough, "seconds": report.seconds}, self.dir / "report.pt")
         self.done.append((stack, index))
         progress = json.dumps({"fingerprint": self.fingerprint, "done": self.done}).encode()
         atomic_write_with(self.dir / "progress.json", lambda f: f.write(progress))

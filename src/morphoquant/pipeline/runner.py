@@ -284,7 +284,8 @@ class LayerwiseRunner:
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> QuantizationReport:
-        t0 = time.time()
+        # calibration seconds: a resumed run adds this attempt's time to the seconds its checkpoint recorded
+        self._t0, self._seconds_before = time.time(), 0.0
         enabled = [s for s in self.stacks if self.recipe.stack_enabled(s.name, s.default_enabled)]
         unknown = set(self.recipe.stacks) - {s.name for s in self.stacks}
         if unknown:
@@ -299,6 +300,7 @@ class LayerwiseRunner:
             self.report.records = saved["records"]
             self.report.channels = saved["channels"]
             self.report.passthrough = saved["passthrough"]
+            self._seconds_before = float(saved.get("seconds", 0.0))   # checkpoints older than this field: 0
             log.info("resuming from %s (%d blocks done)", self.resume.dir, len(self.resume.done))
         else:
             global_stats = self._global_prepass(enabled) if self.method.needs_global_stats else None
@@ -322,9 +324,13 @@ class LayerwiseRunner:
                 log_file.close()
             except OSError as e:
                 raise (write_error(e, self.log_path) or e) from e
-        self.report.seconds = time.time() - t0
+        self.report.seconds = self._elapsed()
         self.report.peak_rss_mb = peak_rss_mb()
         return self.report
+
+    def _elapsed(self) -> float:
+        """Calibration seconds so far, earlier attempts' checkpointed seconds included."""
+        return self._seconds_before + time.time() - self._t0
 
     def _open_log(self):
         try:
@@ -429,6 +435,7 @@ class LayerwiseRunner:
                     self._log(log_file, json.dumps(rec.__dict__) + "\n")
                 if self.resume is not None:
                     mods = {n: m for n, m in block.named_modules() if isinstance(m, QuantLinear)}
+                    self.report.seconds = self._elapsed()
                     self.resume.save_block(stack.name, bi, mods, [store[i] for i in range(len(store))],
                                            self.report)
                 bar.set_postfix(err=f"{rel.get(ALL, float('nan')):.3g}")
