@@ -133,3 +133,15 @@ def test_missing_hidden_states_gives_clear_error():
     rep = output_fidelity(m, m, [sample], [torch.zeros(1, 3, dtype=torch.int8)],
                           hidden_states_fn=lambda out: out.decoder_hidden_states[-1])
     assert rep["all"].cosine == pytest.approx(1.0, abs=1e-6)
+
+
+def test_kl_from_logprobs_matches_hand_computed_value():
+    # p = (1/2, 1/2), q = (1/4, 3/4): KL = 1/2 ln 2 + 1/2 ln(2/3)
+    import math
+
+    from morphoquant.eval.fidelity import kl_from_logprobs
+    lp = torch.tensor([[0.5, 0.5]], dtype=torch.float64).log()
+    lq = torch.tensor([[0.25, 0.75]], dtype=torch.float64).log()
+    expected = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    assert abs(float(kl_from_logprobs(lp, lq)[0]) - expected) < 1e-15
+    assert float(kl_from_logprobs(lp, lp)[0]) == 0.0

@@ -142,13 +142,19 @@ def _run(model: nn.Module, sample: dict, hidden_states_fn: Callable[[Any], torch
     return hidden_states_fn(out), _logits(out)
 
 
+def kl_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q) = sum_v p_v (log p_v - log q_v)`` per row of log-probabilities ``[..., V]``, in their dtype,
+    clamped at 0 (a true KL is >= 0; rounding can give -1e-9)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
+
+
 def _kl_rows(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> torch.Tensor:
     """KL(p_fp || p_q) per row of ``[N, V]`` logits, fp32, in chunks of rows."""
     out = []
     for s in range(0, ref_logits.shape[0], _KL_CHUNK):
         lp = F.log_softmax(ref_logits[s:s + _KL_CHUNK].float(), dim=-1)
         lq = F.log_softmax(cand_logits[s:s + _KL_CHUNK].float(), dim=-1)
-        out.append((lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0))
+        out.append(kl_from_logprobs(lp, lq))
     return torch.cat(out) if out else ref_logits.new_zeros(0, dtype=torch.float32)
 
 

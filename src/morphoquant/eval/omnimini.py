@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..pipeline.stack import Sample
+from .fidelity import kl_from_logprobs
 from .tasks import Task
 
 CALIB_KINDS = ("image_qa", "spoken_qa", "asr", "text")
@@ -271,7 +272,7 @@ class OmniMiniTask(Task):
             out = model(**s, use_cache=True) if score_answers else model(**s)
             lp_ref = self._reference_logprobs(reference, store, i, s)
             lp = torch.log_softmax(out.logits[0].double(), -1)
-            kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
+            kl = kl_from_logprobs(lp_ref, lp)   # fp64: the per-token terms are summed over many rows
             ids = s["input_ids"][0]
             for name, sel in (("image", ids == cfg.image_token_id), ("audio", ids == cfg.audio_token_id),
                               ("text", (ids != cfg.image_token_id) & (ids != cfg.audio_token_id))):
