@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 SCRIPT = textwrap.dedent("""
@@ -12,38 +13,48 @@ SCRIPT = textwrap.dedent("""
     from morphoquant import quantize
     from morphoquant.models.tiny import tiny_model
     from morphoquant.pipeline.recipe import load_recipe
-    model, factory = tiny_model("llama")
+    model, factory = tiny_model(sys.argv[4])
     samples = [factory(seed=s) for s in range(2)]
-    recipe = load_recipe("morpho", {"weights": {"group_size": 16}})
+    recipe = load_recipe(sys.argv[3], {"weights": {"group_size": 16}})
     resume = sys.argv[2] if sys.argv[2] != "-" else None
     quantize(model, recipe, samples, progress=False, resume_dir=resume)
-    torch.save({k: v for k, v in model.state_dict().items()}, sys.argv[1])
+    with torch.no_grad():
+        out = model(**factory(seed=7))
+    torch.save({"state": dict(model.state_dict()), "logits": out.logits}, sys.argv[1])
 """)
 
 
-def _run(tmp_path, out, resume, env_extra=None):
+def _run(tmp_path, out, resume, env_extra=None, recipe="morpho", arch="llama"):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, str(script), str(out), resume], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(script), str(out), resume, recipe, arch], env=env, capture_output=True, text=True,
                           timeout=300, check=False)
 
 
-def test_sigkill_then_resume_gives_identical_model(tmp_path):
-    ref = _run(tmp_path, tmp_path / "ref.pt", "-")
+# morpho changes only the linears; the others also fold scales into norms / neighbouring linears (SmoothQuant,
+# AWQ, OS+) or rotate the embeddings and head before the block loop (QuaRot, MQuant): a resumed run must restore
+# those too (before the fix, every one of them but morpho gave a different model after a resume)
+@pytest.mark.parametrize("recipe,arch", [("morpho", "llama"), ("quarot-w4a4", "llama"), ("mquant-w4a4", "qwen2"),
+                                         ("smoothquant-w4a4", "llama"), ("osplus-w4a4", "llama"),
+                                         ("awq-w4a16", "qwen2")])
+def test_sigkill_then_resume_gives_identical_model(tmp_path, recipe, arch):
+    run = {"recipe": recipe, "arch": arch}
+    ref = _run(tmp_path, tmp_path / "ref.pt", "-", **run)
     assert ref.returncode == 0, ref.stderr
     ck = tmp_path / "ck"
-    killed = _run(tmp_path, tmp_path / "killed.pt", str(ck), {"MORPHOQUANT_FAULT_KILL_AFTER_BLOCK": "1"})
+    killed = _run(tmp_path, tmp_path / "killed.pt", str(ck), {"MORPHOQUANT_FAULT_KILL_AFTER_BLOCK": "1"}, **run)
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed.pt").exists()
     assert (ck / "progress.json").exists()
-    resumed = _run(tmp_path, tmp_path / "resumed.pt", str(ck))
+    resumed = _run(tmp_path, tmp_path / "resumed.pt", str(ck), **run)
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(tmp_path / "ref.pt")
     b = torch.load(tmp_path / "resumed.pt")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k
+    assert torch.equal(a["logits"], b["logits"])
 
 
 def test_resumed_run_counts_the_checkpointed_calibration_seconds(tmp_path):

@@ -80,6 +80,11 @@ class Method:
         """Whole-model work before the block loop; returns a state dict handed to every block."""
         return {}
 
+    def restore(self, model: nn.Module, stacks: list, state: dict) -> None:
+        """Re-apply, on a freshly loaded model, the changes :meth:`prepare` made outside the blocks (a run
+        resuming from a checkpoint gets ``state`` from it and does not call :meth:`prepare`). Methods whose
+        :meth:`prepare` changes the model (rotations) must override this; the default changes nothing."""
+
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantLinear]:
         return {name: self.quantize_linear(ctx, name, lin) for name, lin in ctx.linears.items()}
 

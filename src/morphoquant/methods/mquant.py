@@ -163,6 +163,10 @@ class MQuant(Method):
                 state["rotation"] = None
         return state
 
+    def restore(self, model, stacks, state) -> None:
+        if state.get("rotation") is not None:    # deterministic: the same seed gives the same rotation
+            rotate_model(model, stacks, self.options.seed, self.options.online_down_proj)
+
     def quantize_linear(self, ctx: BlockContext, name: str, linear: nn.Linear) -> QuantLinear:
         o = self.options
         act = ctx.act

@@ -351,6 +351,9 @@ class QuaRot(Method):
         info = rotate_model(model, stacks, o.seed, o.online_down_proj, o.rotate_ov, o.max_block)
         return {"rotation": info}
 
+    def restore(self, model, stacks, state) -> None:
+        self.prepare(model, stacks, None)      # the rotation is a deterministic function of the seed
+
     def quantize_linear(self, ctx: BlockContext, name: str, linear: nn.Linear) -> QuantLinear:
         rng = self.static_range(ctx, name)
         if rng is not None and self.options.clip_ratio != 1.0:

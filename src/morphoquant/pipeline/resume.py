@@ -5,9 +5,13 @@ crash between writes leaves the previous consistent state)::
 
     progress.json            {"fingerprint", "done": [[stack, block], ...]}
     state.pt                 the method's whole-model state (e.g. global thresholds)
-    blocks/<stack>.<i>.pt    the quantized modules of block i (name -> QuantLinear)
+    blocks/<stack>.<i>.pt    block i as quantized (the whole module: QuantLinears and the norms or biases a
+                             method folded scales into)
     acts.pt                  the propagated inputs of the next block
     report.pt                records, per-channel arrays, pass-through list and calibration seconds so far
+
+Changes a method's ``prepare`` made outside the blocks (a rotation of the embeddings and head) are not saved:
+the resuming run re-applies them with ``Method.restore``.
 
 The fingerprint covers the recipe, the calibration samples and the model (config + parameter checksum), so a
 checkpoint is never applied to a different run.
@@ -79,7 +83,8 @@ class ResumeCheckpoint:
         (self.dir / "blocks").mkdir(exist_ok=True)
         _atomic_save(state, self.dir / "state.pt")
 
-    def block_modules(self, stack: str, index: int) -> dict[str, nn.Module]:
+    def block_modules(self, stack: str, index: int) -> nn.Module | dict[str, nn.Module]:
+        """The saved block (older checkpoints: a dict name -> QuantLinear)."""
         return torch.load(self.dir / "blocks" / f"{stack}.{index}.pt", weights_only=False)
 
     def activations(self):
@@ -88,8 +93,8 @@ class ResumeCheckpoint:
     def report(self):
         return torch.load(self.dir / "report.pt", weights_only=False)
 
-    def save_block(self, stack: str, index: int, modules: dict[str, nn.Module], acts: list, report) -> None:
-        _atomic_save(modules, self.dir / "blocks" / f"{stack}.{index}.pt")
+    def save_block(self, stack: str, index: int, block: nn.Module, acts: list, report) -> None:
+        _atomic_save(block, self.dir / "blocks" / f"{stack}.{index}.pt")
         _atomic_save(acts, self.dir / "acts.pt")
         _atomic_save({"records": report.records, "channels": report.channels,
                       "passthrough": report.passthrough, "seconds": report.seconds}, self.dir / "report.pt")

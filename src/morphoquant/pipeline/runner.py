@@ -301,6 +301,7 @@ class LayerwiseRunner:
             self.report.channels = saved["channels"]
             self.report.passthrough = saved["passthrough"]
             self._seconds_before = float(saved.get("seconds", 0.0))   # checkpoints older than this field: 0
+            self.method.restore(self.model, enabled, state)
             log.info("resuming from %s (%d blocks done)", self.resume.dir, len(self.resume.done))
         else:
             global_stats = self._global_prepass(enabled) if self.method.needs_global_stats else None
@@ -385,8 +386,12 @@ class LayerwiseRunner:
         self._check_groups(stack, weight_spec)
         done = {b for s, b in self.resume.done if s == stack.name} if self.resume is not None else set()
         for bi in sorted(done):        # blocks finished before an interruption: restore, don't recompute
-            for name, mod in self.resume.block_modules(stack.name, bi).items():
-                stack.blocks[bi].set_submodule(name, mod)
+            saved = self.resume.block_modules(stack.name, bi)
+            if isinstance(saved, nn.Module):       # the whole block: folded norms and biases come back too
+                self._replace_block(stack, bi, saved)
+            else:                                  # checkpoints written before whole blocks were saved
+                for name, mod in saved.items():
+                    stack.blocks[bi].set_submodule(name, mod)
         if done and len(done) == len(stack.blocks):
             return
         if done:
@@ -434,15 +439,24 @@ class LayerwiseRunner:
                 if log_file:
                     self._log(log_file, json.dumps(rec.__dict__) + "\n")
                 if self.resume is not None:
-                    mods = {n: m for n, m in block.named_modules() if isinstance(m, QuantLinear)}
                     self.report.seconds = self._elapsed()
-                    self.resume.save_block(stack.name, bi, mods, [store[i] for i in range(len(store))],
+                    self.resume.save_block(stack.name, bi, block, [store[i] for i in range(len(store))],
                                            self.report)
                 bar.set_postfix(err=f"{rel.get(ALL, float('nan')):.3g}")
                 bar.update(1)
         finally:
             bar.close()
             store.close()
+
+    def _replace_block(self, stack: BlockStack, index: int, block: nn.Module) -> None:
+        """Put a checkpointed block where block ``index`` of ``stack`` sits in the model."""
+        old = stack.blocks[index]
+        name = self.module_names.get(id(old))
+        if name is None:
+            raise RuntimeError(f"cannot find block {index} of stack {stack.name!r} in the model")
+        self.model.set_submodule(name, block)
+        stack.blocks[index] = block
+        self.module_names.update({id(m): f"{name}.{n}" if n else name for n, m in block.named_modules()})
 
     def _weight_quantizers(self, collector, linears, spec) -> dict:
         """GPTQ weight quantizers bound to each linear's Hessian (empty for round-to-nearest)."""
