@@ -74,13 +74,57 @@ def test_hadamard_linear_is_the_same_function():
         assert torch.allclose(had(x), lin(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["whisper", "dinov2"])
-def test_unsupported_architectures_are_refused(arch):
+def test_unsupported_architectures_are_refused():
     from morphoquant.models import get_adapter
     from morphoquant.models.tiny import tiny_model
-    model, _ = tiny_model(arch)
+    model, _ = tiny_model("dinov2")
     with pytest.raises(UnsupportedRotationError, match="Llama/Qwen2"):
         rotate_model(model, get_adapter(model).stacks())
+
+
+def test_whisper_rotation_leaves_the_fp_outputs_unchanged(perturb_norms):
+    """LayerNorms (γ, β perturbed) become RMSNorms on centred, rotated encoder and decoder streams; the logits,
+    the encoder output seen by the decoder and the unrotated final decoder state are those of the FP model."""
+    from morphoquant.models import get_adapter
+    from morphoquant.models.tiny import tiny_model
+    model, factory = tiny_model("whisper")
+    perturb_norms(model)
+    sample = factory(seed=3)
+    with torch.no_grad():
+        before = model(**sample, output_hidden_states=True)
+    info = rotate_model(model, get_adapter(model).stacks(), seed=2)
+    with torch.no_grad():
+        after = model(**sample, output_hidden_states=True)
+    mask = sample["decoder_attention_mask"].bool()
+    scale = float(before.logits.abs().max())
+    assert torch.allclose(after.logits[mask], before.logits[mask], atol=2e-5 * scale, rtol=1e-4)
+    h = unrotate_hidden_states(model, after.decoder_hidden_states[-1])
+    assert torch.allclose(h[mask], before.decoder_hidden_states[-1][mask], atol=1e-4, rtol=1e-4)
+    # the streams really are rotated (not the identity) and every LayerNorm is gone
+    assert not torch.allclose(after.encoder_hidden_states[1], before.encoder_hidden_states[1], atol=1e-3)
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    assert sorted(info["stacks"]) == ["decoder", "encoder"]
+    assert isinstance(model.model.decoder.layers[0].fc2, HadamardLinear)
+    assert model.proj_out.weight is not model.model.decoder.embed_tokens.weight
+    # the entrance map is applied inside the encoder's forward only: a direct call of block 0 is unchanged
+    enc0 = model.model.encoder.layers[0]
+    x = torch.randn(1, 5, enc0.self_attn.q_proj.in_features)
+    with torch.no_grad():
+        assert torch.equal(enc0(x, None), enc0(x, None))
+        assert not enc0._forward_pre_hooks
+
+
+def test_quarot_on_whisper_w8a8_is_close_to_fp_and_w4a4_beats_rtn(run_recipe, perturb_norms):
+    w4, a4 = {"bits": 4, "granularity": "group", "group_size": 16}, {"bits": 4, "granularity": "token"}
+    err8, report, model = run_recipe("whisper", {"method": "quarot", "weights": W8, "activations": A8},
+                                     prepare=perturb_norms)
+    assert err8 < 0.05
+    assert isinstance(model.model.encoder.layers[0].fc2, HadamardQuantLinear)
+    assert all(r.linears["fc2"]["rotated"] for r in report.records)
+    e_rot, _, _ = run_recipe("whisper", {"method": "quarot", "weights": w4, "activations": a4},
+                             prepare=perturb_norms)
+    e_rtn, _, _ = run_recipe("whisper", {"method": "rtn", "weights": w4, "activations": a4}, prepare=perturb_norms)
+    assert e_rot < e_rtn
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -37,7 +37,7 @@ def _run(tmp_path, out, resume, env_extra=None, recipe="morpho", arch="llama"):
 # those too (before the fix, every one of them but morpho gave a different model after a resume)
 @pytest.mark.parametrize("recipe,arch", [("morpho", "llama"), ("quarot-w4a4", "llama"), ("mquant-w4a4", "qwen2"),
                                          ("smoothquant-w4a4", "llama"), ("osplus-w4a4", "llama"),
-                                         ("awq-w4a16", "qwen2")])
+                                         ("awq-w4a16", "qwen2"), ("quarot-w4a4", "whisper")])
 def test_sigkill_then_resume_gives_identical_model(tmp_path, recipe, arch):
     run = {"recipe": recipe, "arch": arch}
     ref = _run(tmp_path, tmp_path / "ref.pt", "-", **run)

@@ -29,6 +29,18 @@ enabled, are quantized without rotation). Anything else raises :class:`Unsupport
 embeddings are untied: the input side becomes ``E Q`` and ``lm_head`` ``E diag(γ_final) Q``, no longer the same
 matrix (``config.tie_word_embeddings`` is set to false). The final hidden states of a rotated model are in the
 rotated basis, without ``γ_final``: :func:`unrotate_hidden_states` maps them back for fidelity metrics.
+
+**LayerNorm encoder–decoders (Whisper).** ``LN(h) = γ ⊙ (h − μ(h)) / √(var(h) + ε) + β`` is not rotation
+invariant, but on a *centred* stream it is an RMSNorm: with ``C = I − 11ᵀ/n``, ``LN(h C) = γ ⊙ RMSNorm₁(h C) + β``.
+So every writer of a stream also centres what it writes (``W ← Qᵀ C W``, ``b ← (b − mean b) Q``, embedding rows
+``e ← (e − mean e) Q``), every LayerNorm becomes a plain ``RMSNorm₁`` (no weight), and its ``γ, β`` fold into the
+readers (``W ← W diag(γ) Q``, ``b ← b + W β``; a key projection without bias drops ``W β``, which adds the same
+amount to every score of a query and cancels in the softmax; ``proj_out`` gains the bias ``W β``). The encoder
+and the decoder streams get their own ``Q``; the encoder's final norm is read by every cross-attention
+``k/v_proj``. The encoder stream starts as ``GELU(conv2(·)) + P``, which no linear writes: a pre-hook maps the
+input of encoder block 0 to ``(h − μ) Q`` (one ``n × n`` product per frame, full precision), installed for the
+duration of each encoder forward only, so the pipeline's direct calls of the block (on already mapped captured
+inputs) are not mapped twice. ``fc2`` (``fc1 → GELU → fc2``) gets the online Hadamard of ``down_proj``.
 """
 from __future__ import annotations
 
@@ -218,10 +230,12 @@ def rotate_model(model: nn.Module, stacks, seed: int = 0, online_down_proj: bool
     """Rotate ``model`` in place (module docstring); returns a summary. Only the stacks of
     :func:`rotatable_stacks` are rotated; raises :class:`UnsupportedRotationError` when there is none."""
     rot_stacks = rotatable_stacks(stacks)
+    if not rot_stacks and _whisper_like(model):
+        return _rotate_encoder_decoder(model, stacks, seed, online_down_proj, rotate_ov, max_block)
     if not rot_stacks:
         raise UnsupportedRotationError(
             f"QuaRot-style rotation supports Llama/Qwen2-style decoders (self_attn q/k/v/o_proj, gated MLP, "
-            f"RMSNorm); {type(model).__name__} has none among its stacks "
+            f"RMSNorm) and Whisper-style LayerNorm encoder-decoders; {type(model).__name__} has none among its stacks "
             f"({', '.join(s.name for s in stacks) or 'none'})")
     if len(rot_stacks) > 1:
         raise UnsupportedRotationError("more than one rotatable decoder stack; not supported")
@@ -293,17 +307,7 @@ def rotate_model(model: nn.Module, stacks, seed: int = 0, online_down_proj: bool
         for lin in (at.o_proj, mlp.down_proj):
             write(lin)
         if rotate_ov:
-            hd = getattr(at, "head_dim", None)
-            if hd and at.v_proj.out_features % hd == 0 and at.o_proj.in_features % hd == 0:
-                f = hadamard_factor(hd, max_block=max_block, seed=seed)
-                wv = at.v_proj.weight.detach().float()                      # rows per kv head: W_h ← Hᵀ W_h
-                wv = hadamard_transform(wv.T.reshape(-1, hd), f).reshape(wv.shape[1], -1).T
-                _set(at.v_proj.weight, wv)
-                if at.v_proj.bias is not None:
-                    _set(at.v_proj.bias, hadamard_transform(at.v_proj.bias.detach().float().reshape(-1, hd), f)
-                         .reshape(-1))
-                wo = at.o_proj.weight.detach().float()                      # columns per head: W_h ← W_h H
-                _set(at.o_proj.weight, hadamard_transform(wo.reshape(wo.shape[0], -1, hd), f).reshape(wo.shape))
+            _rotate_heads(at, at.v_proj, at.o_proj, seed, max_block)
         if online_down_proj:
             d = mlp.down_proj
             f = hadamard_factor(d.in_features, max_block=max_block, seed=seed)
@@ -316,16 +320,182 @@ def rotate_model(model: nn.Module, stacks, seed: int = 0, online_down_proj: bool
     return info
 
 
+@torch.no_grad()
+def _rotate_heads(attn: nn.Module, v_proj: nn.Linear, o_proj: nn.Linear, seed: int, max_block: int) -> None:
+    """Per head ``v ← v H_d`` (rows of ``v_proj``, and its bias) and ``o_proj``'s input columns of each head
+    ``← · H_d``; attention mixes tokens, not channels, so the block's function is unchanged."""
+    hd = getattr(attn, "head_dim", None)
+    if not hd or v_proj.out_features % hd or o_proj.in_features % hd:
+        return
+    f = hadamard_factor(hd, max_block=max_block, seed=seed)
+    wv = v_proj.weight.detach().float()                              # rows per kv head: W_h ← Hᵀ W_h
+    _set(v_proj.weight, hadamard_transform(wv.T.reshape(-1, hd), f).reshape(wv.shape[1], -1).T)
+    if v_proj.bias is not None:
+        _set(v_proj.bias, hadamard_transform(v_proj.bias.detach().float().reshape(-1, hd), f).reshape(-1))
+    wo = o_proj.weight.detach().float()                              # columns per head: W_h ← W_h H
+    _set(o_proj.weight, hadamard_transform(wo.reshape(wo.shape[0], -1, hd), f).reshape(wo.shape))
+
+
+# ---------------------------------------------------------------- LayerNorm encoder-decoders (Whisper)
+
+def _is_layernorm(m) -> bool:
+    return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 and m.elementwise_affine
+
+
+def _prenorm_ln_block(block: nn.Module, cross: bool) -> bool:
+    """``self_attn_layer_norm → self_attn(q, k, v, out_proj)``, [``encoder_attn_layer_norm → encoder_attn``],
+    ``final_layer_norm → fc1 → act → fc2``, all LayerNorms (the Whisper layer layout)."""
+    attns = ["self_attn"] + (["encoder_attn"] if cross else [])
+    norms = ["self_attn_layer_norm", "final_layer_norm"] + (["encoder_attn_layer_norm"] if cross else [])
+    return all(isinstance(getattr(getattr(block, a, None), n, None), nn.Linear)
+               for a in attns for n in ("q_proj", "k_proj", "v_proj", "out_proj")) and \
+        all(isinstance(getattr(block, n, None), nn.Linear) for n in ("fc1", "fc2")) and \
+        all(_is_layernorm(getattr(block, n, None)) for n in norms)
+
+
+def _whisper_parts(model: nn.Module):
+    core = getattr(model, "model", model)
+    enc, dec = getattr(core, "encoder", None), getattr(core, "decoder", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return enc, dec, head
+
+
+def _whisper_like(model: nn.Module) -> bool:
+    enc, dec, head = _whisper_parts(model)
+    if enc is None or dec is None or not isinstance(head, nn.Linear):
+        return False
+    ok_enc = isinstance(getattr(enc, "layers", None), nn.ModuleList) and len(enc.layers) > 0 and \
+        all(_prenorm_ln_block(b, cross=False) for b in enc.layers) and _is_layernorm(getattr(enc, "layer_norm", None))
+    ok_dec = isinstance(getattr(dec, "layers", None), nn.ModuleList) and len(dec.layers) > 0 and \
+        all(_prenorm_ln_block(b, cross=True) for b in dec.layers) and _is_layernorm(getattr(dec, "layer_norm", None)) \
+        and isinstance(getattr(dec, "embed_tokens", None), nn.Embedding) and \
+        isinstance(getattr(dec, "embed_positions", None), nn.Embedding)
+    return ok_enc and ok_dec
+
+
+class _EntranceRotation:
+    """``h ↦ (h − μ(h)) Q`` on the hidden states entering ``owner.layers[0]``, applied once per forward of
+    ``owner``: the pre-hook on block 0 exists only during that forward (installed first, so the pipeline's
+    input-capture hook sees mapped inputs), and direct calls of the block are left alone."""
+
+    def __init__(self, owner: nn.Module, rot: _Rot):
+        self.rot = rot
+        self._handle = None
+        owner.register_forward_pre_hook(self._arm)
+        owner.register_forward_hook(self._disarm, always_call=True)
+
+    def _arm(self, owner, args):
+        self._disarm()
+        self._handle = owner.layers[0].register_forward_pre_hook(self._apply, with_kwargs=True, prepend=True)
+
+    def _disarm(self, *_):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _apply(self, block, args, kwargs):
+        self._disarm()
+        if args:
+            return (self.map(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self.map(kwargs["hidden_states"])}
+
+    def map(self, h: torch.Tensor) -> torch.Tensor:
+        hc = h.float() - h.float().mean(-1, keepdim=True)
+        return self.rot.rows(hc.reshape(-1, hc.shape[-1])).reshape(h.shape).to(h.dtype)
+
+
+@torch.no_grad()
+def _rotate_encoder_decoder(model: nn.Module, stacks, seed: int, online_down_proj: bool, rotate_ov: bool,
+                            max_block: int) -> dict:
+    """The LayerNorm encoder-decoder rotation of the module docstring (Whisper), in place."""
+    enc, dec, head = _whisper_parts(model)
+    hidden = dec.embed_tokens.weight.shape[1]
+    if enc.layer_norm.normalized_shape[0] != hidden:
+        raise UnsupportedRotationError("encoder and decoder widths differ; not supported")
+    r_enc, r_dec = _Rot(hidden, seed, max_block), _Rot(hidden, seed + 1, max_block)
+    if head.weight is dec.embed_tokens.weight:          # untie: the head reads the decoder's final norm
+        head.weight = nn.Parameter(dec.embed_tokens.weight.detach().clone(), requires_grad=False)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+        cfg.tie_word_embeddings = False
+    final_gamma = dec.layer_norm.weight.detach().float().clone()
+    final_beta = dec.layer_norm.bias.detach().float().clone() if dec.layer_norm.bias is not None else None
+
+    def write(lin, r):                                   # y ↦ (y − μ(y)) Q
+        w = lin.weight.detach().float()
+        _set(lin.weight, r.cols(w - w.mean(0, keepdim=True)))
+        if lin.bias is not None:
+            b = lin.bias.detach().float()
+            _set(lin.bias, r.rows((b - b.mean()).reshape(1, -1)).reshape(-1))
+
+    def embed(table, r):
+        e = table.weight.detach().float()
+        _set(table.weight, r.rows(e - e.mean(-1, keepdim=True)))
+
+    def fold(owner, norm_name, readers):                 # LN → RMSNorm₁, (γ, β) into the readers, x ↦ x Q
+        ln = getattr(owner, norm_name)
+        g = ln.weight.detach().float()
+        beta = ln.bias.detach().float() if ln.bias is not None else None
+        for lin, r, softmax_key in readers:
+            w = lin.weight.detach().float()
+            if beta is not None and not softmax_key:
+                shift = w @ beta
+                if lin.bias is None:
+                    lin.bias = nn.Parameter(shift.to(lin.weight.dtype), requires_grad=False)
+                else:
+                    _set(lin.bias, lin.bias.detach().float() + shift)
+            _set(lin.weight, r.rows(w * g.reshape(1, -1)))
+        setattr(owner, norm_name, nn.RMSNorm(ln.normalized_shape, eps=ln.eps, elementwise_affine=False)
+                .to(ln.weight.device))
+
+    def block(b, r, cross):
+        at = b.self_attn
+        fold(b, "self_attn_layer_norm", [(at.q_proj, r, False), (at.k_proj, r, True), (at.v_proj, r, False)])
+        write(at.out_proj, r)
+        if cross:
+            fold(b, "encoder_attn_layer_norm", [(b.encoder_attn.q_proj, r, False)])
+            write(b.encoder_attn.out_proj, r)
+        fold(b, "final_layer_norm", [(b.fc1, r, False)])
+        write(b.fc2, r)
+        if rotate_ov:
+            _rotate_heads(at, at.v_proj, at.out_proj, seed, max_block)
+            if cross:
+                _rotate_heads(b.encoder_attn, b.encoder_attn.v_proj, b.encoder_attn.out_proj, seed, max_block)
+        if online_down_proj:
+            f = hadamard_factor(b.fc2.in_features, max_block=max_block, seed=seed)
+            b.fc2 = HadamardLinear.wrap(b.fc2, f)
+            return f.kind
+        return "off"
+
+    _EntranceRotation(enc, r_enc)
+    online = [block(b, r_enc, False) for b in enc.layers]
+    # the encoder's final norm is read by every cross-attention k/v (encoder stream)
+    fold(enc, "layer_norm", [(lin, r_enc, key) for b in dec.layers
+                             for lin, key in ((b.encoder_attn.k_proj, True), (b.encoder_attn.v_proj, False))])
+    embed(dec.embed_tokens, r_dec)
+    embed(dec.embed_positions, r_dec)
+    online += [block(b, r_dec, True) for b in dec.layers]
+    fold(dec, "layer_norm", [(head, r_dec, False)])
+    names = [s.name for s in stacks if s.blocks and (s.blocks[0] is enc.layers[0] or s.blocks[0] is dec.layers[0])]
+    model.morphoquant_rotation = {"signs": r_dec.signs, "seed": seed + 1, "max_block": max_block,
+                                  "final_norm_weight": final_gamma, "final_norm_bias": final_beta, "hidden": hidden}
+    return {"stack": names[0] if len(names) == 1 else None, "stacks": names, "hidden": hidden,
+            "residual_hadamard": r_dec.factor.kind, "seed": seed, "towers": [],
+            "online_down_proj": online[0] if online else "off", "rotate_ov": rotate_ov, "layernorm_to_rmsnorm": True}
+
+
 def unrotate_hidden_states(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Final (normed) hidden states of a rotated model back in the original basis: ``(h Qᵀ) ⊙ γ_final``
-    (identity for a model that was not rotated)."""
+    (``+ β_final`` after a LayerNorm's rotation; identity for a model that was not rotated)."""
     meta = getattr(model, "morphoquant_rotation", None)
     if meta is None:
         return hidden
     r = _Rot(meta["hidden"], meta["seed"], meta["max_block"])
     r.signs = meta["signs"]
-    return (r.inverse_rows(hidden.reshape(-1, hidden.shape[-1])) * meta["final_norm_weight"]).reshape(
-        hidden.shape).to(hidden.dtype)
+    out = r.inverse_rows(hidden.reshape(-1, hidden.shape[-1])) * meta["final_norm_weight"]
+    if meta.get("final_norm_bias") is not None:            # a LayerNorm's β (encoder-decoder rotation)
+        out = out + meta["final_norm_bias"]
+    return out.reshape(hidden.shape).to(hidden.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ method
@@ -360,7 +530,7 @@ class QuaRot(Method):
             rng = (rng[0] * self.options.clip_ratio, rng[1] * self.options.clip_ratio)
         kw = {"act_range": rng, "weight_quantizer": ctx.weight_quantizer(name)}
         rot = ctx.global_state.get("rotation", {})
-        ctx.report.setdefault(name, {})["rotated"] = ctx.stack == rot.get("stack")
+        ctx.report.setdefault(name, {})["rotated"] = ctx.stack == rot.get("stack") or ctx.stack in rot.get("stacks", ())
         if isinstance(linear, HadamardLinear):
             return quantize_online(linear, HadamardQuantLinear, ctx.weight_spec, ctx.act, **kw)
         return QuantLinear.from_linear(linear, ctx.weight_spec, ctx.act, **kw)
