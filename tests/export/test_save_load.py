@@ -207,3 +207,18 @@ def test_report_prints(tmp_path, quantized_llama, capsys):
     out = capsys.readouterr().out
     assert "bytes/param" in out and "fp16" in out and "MorphoQuant runtime" in out
     assert rep.serving == "morphoquant"
+
+
+def test_whisper_rotated_by_quarot_is_refused_with_a_clear_error(tmp_path):
+    """Its LayerNorms became RMSNorms and its encoder input is mapped by a hook: config.json cannot describe
+    that, so nothing is written (rather than a checkpoint that reloads as a different model)."""
+    from morphoquant import quantize
+    from morphoquant.export import UnsupportedExportError
+    from morphoquant.models.tiny import tiny_model
+    from morphoquant.pipeline.recipe import load_recipe
+
+    model, factory = tiny_model("whisper")
+    quantize(model, load_recipe("quarot-w4a4", {"weights": {"group_size": 16}}), [factory(seed=0)], progress=False)
+    with pytest.raises(UnsupportedExportError, match="LayerNorms into RMSNorms"):
+        save_quantized(model, tmp_path / "w", verbose=False)
+    assert not (tmp_path / "w").exists()

@@ -33,8 +33,8 @@ def _exact_reference(model):
     """Make every QuantLinear of ``model`` use the integer-product fake path (in case the default is a faster
     single-GEMM approximation of it)."""
     for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.forward = functools.partial(QuantLinear.forward, m, matmul=float_matmul)
+        if isinstance(m, QuantLinear):      # type(m): a HadamardQuantLinear keeps its input rotation
+            m.forward = functools.partial(type(m).forward, m, matmul=float_matmul)
     return model
 
 
@@ -193,3 +193,32 @@ def test_loaded_checkpoint_runs_on_integer_runtime(tmp_path):
     sample = factory(seed=2)
     with torch.no_grad():
         assert torch.equal(model(**sample).logits, loaded(**sample).logits)
+
+
+def test_rotated_model_keeps_its_online_hadamard_through_a_checkpoint_and_the_integer_runtime(tmp_path):
+    """QuaRot's down_proj quantizes x·H: the checkpoint stores the Hadamard block and reloads a
+    HadamardQuantLinear, and the integer runtime rotates before quantizing (before the fix both dropped H)."""
+    from morphoquant import quantize
+    from morphoquant.export import load_quantized, read_manifest, save_quantized
+    from morphoquant.methods.quarot import HadamardQuantLinear
+    from morphoquant.models.tiny import tiny_model
+    from morphoquant.pipeline.recipe import load_recipe
+
+    model, factory = tiny_model("llama")
+    recipe = load_recipe("quarot-w4a4", {"weights": {"group_size": 16}})
+    quantize(model, recipe, [factory(seed=0)], progress=False)
+    assert isinstance(model.model.layers[0].mlp.down_proj, HadamardQuantLinear)
+    save_quantized(model, tmp_path / "m", recipe, verbose=False)
+    rec = read_manifest(tmp_path / "m")["modules"]["model.layers.0.mlp.down_proj"]
+    assert rec["online_hadamard"] is True and not rec["standard"]
+    sample = factory(seed=2)
+    loaded = load_quantized(tmp_path / "m")
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, HadamardQuantLinear)
+    with torch.no_grad():
+        assert torch.equal(model(**sample).logits, loaded(**sample).logits)
+    integer = load_quantized(tmp_path / "m", runtime="integer")
+    assert isinstance(integer.model.layers[0].mlp.down_proj, IntegerLinear)
+    assert integer.model.layers[0].mlp.down_proj.hadamard is not None
+    _exact_reference(model)
+    with torch.no_grad():
+        assert torch.equal(model(**sample).logits, integer(**sample).logits)

@@ -417,9 +417,13 @@ def _save_checkpoint(qmodel, proc, out: Path, recipe, samples, args) -> None:
     manifest = {"model": args.model, "num_samples": recipe.calibration.num_samples,
                 "seq_len": recipe.calibration.seq_len, "seed": recipe.calibration.seed,
                 "source": "built-in task calibration split", "sha256": h.hexdigest()}
+    from ..export.errors import UnsupportedExportError
     # _check_out_dir already refused a directory of another model/recipe: a previous checkpoint here is ours
-    save_quantized(qmodel, out / "checkpoint", recipe, manifest, tokenizer=proc, overwrite=True,
-                   verbose=not args.quiet)
+    try:
+        save_quantized(qmodel, out / "checkpoint", recipe, manifest, tokenizer=proc, overwrite=True,
+                       verbose=not args.quiet)
+    except UnsupportedExportError as e:     # the results stand; only the checkpoint cannot be written
+        log.warning("%s: no checkpoint written: %s", recipe.name, e)
 
 
 def _print_table(rows, task, args) -> None:

@@ -14,6 +14,7 @@ from .errors import (
                      MissingTensorError,
                      NotAMorphoQuantCheckpointError,
                      UnconsumedTensorError,
+                     UnsupportedExportError,
 )
 from .load import load_quantized, verify_checkpoint
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
@@ -33,6 +34,7 @@ __all__ = [
                      "NotAMorphoQuantCheckpointError",
                      "SaveReport",
                      "UnconsumedTensorError",
+                     "UnsupportedExportError",
                      "load",
                      "load_quantized",
                      "read_manifest",

@@ -101,14 +101,20 @@ def nonstandard_reasons(q: QuantLinear) -> list[str]:
         out.append("per-modality activation ranges")
     if q.dabc != "none" and q.outlier_idx.numel():
         out.append(f"DABC ({q.dabc}, {q.outlier_idx.numel()} outlier channels)")
+    if _online_hadamard(q):
+        out.append("an online Hadamard rotation of the input (QuaRot)")
     return out
+
+
+def _online_hadamard(q: QuantLinear) -> bool:
+    return isinstance(getattr(q, "hadamard_block", None), torch.Tensor) and callable(getattr(q, "hadamard", None))
 
 
 def module_record(q: QuantLinear) -> dict:
     """The JSON description of a ``QuantLinear`` kept in the manifest (tensors are added by the writer)."""
     return {"in_features": q.in_features, "out_features": q.out_features, "bias": q.bias is not None,
             "weights": _weight_dict(q.weight_spec), "input_activations": _act_dict(q.act), "dabc": q.dabc,
-            "outliers": int(q.outlier_idx.numel()), "format": layout_of(q),
+            "outliers": int(q.outlier_idx.numel()), "format": layout_of(q), "online_hadamard": _online_hadamard(q),
             "standard": not nonstandard_reasons(q), "nonstandard_reasons": nonstandard_reasons(q)}
 
 
@@ -218,6 +224,8 @@ def encode_module(name: str, q: QuantLinear) -> dict[str, torch.Tensor]:
         out[x + "outlier_idx"] = q.outlier_idx.detach().to(torch.int64).contiguous()
         if q.dabc == "sparse":
             out[x + "outlier_threshold"] = q.outlier_threshold.detach().float().contiguous()
+    if _online_hadamard(q):     # the dense factor of H = H_block ⊗ Sylvester (numerics.hadamard)
+        out[x + "hadamard_block"] = q.hadamard_block.detach().float().contiguous()
     return out
 
 
@@ -248,7 +256,18 @@ def decode_module(name: str, rec: dict, take: Callable[[str], torch.Tensor | Non
     layout = rec.get("format")
     if layout not in (LAYOUT_PACK, LAYOUT_INT, LAYOUT_CODEBOOK):
         raise ConfigMismatchError(f"module {name}: unknown weight format {layout!r}")
-    q = QuantLinear(k, o, spec, act, bool(rec["bias"]), rec.get("dabc", "none"))
+    if rec.get("online_hadamard"):
+        from ..methods.quarot import HadamardQuantLinear
+        q = HadamardQuantLinear(k, o, spec, act, bool(rec["bias"]), rec.get("dabc", "none"))
+        hb = need(x + "hadamard_block")
+        b = int(hb.shape[0]) if hb.dim() == 2 else 0
+        if hb.dim() != 2 or hb.shape[0] != hb.shape[1] or b == 0 or k % b or (k // b) & (k // b - 1) or \
+                not torch.allclose(hb.float() @ hb.float().T, torch.eye(b), atol=1e-4):
+            raise ConfigMismatchError(f"module {name}: hadamard_block of shape {list(hb.shape)} does not factor "
+                                      f"the input width {k} (an orthonormal square block of size b, {k} / b a power of two)")
+        q.hadamard_block = hb.float().clone()
+    else:
+        q = QuantLinear(k, o, spec, act, bool(rec["bias"]), rec.get("dabc", "none"))
     if layout == LAYOUT_CODEBOOK:
         shape_check(p + "weight_shape", need(p + "weight_shape"), [2], torch.int64)
         packed = need(x + "weight_codes")

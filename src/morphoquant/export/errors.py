@@ -38,3 +38,8 @@ class MissingTensorError(CheckpointError):
 
 class UnconsumedTensorError(CheckpointError):
     """Tensors were written but the model has no slot for them (they would be silently dropped)."""
+
+
+class UnsupportedExportError(ValueError):
+    """The quantized model has a structure the checkpoint format cannot describe (so it would not reload as
+    evaluated); nothing is written."""

@@ -32,6 +32,7 @@ from torch import nn
 from ..layers import QuantLinear
 from ..utils.atomic import atomic_directory, fsync_file
 from .compressed_tensors_format import EXT, build_quantization_config, encode_module, module_record
+from .errors import UnsupportedExportError
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, environment_versions, safe_relative_name, utc_now
 from .tensor_io import DTYPE_TO_ST, sha256_file, sha256_tensor, tensor_nbytes, write_safetensors
 
@@ -148,6 +149,12 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, recipe=None, ca
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not quant:
         raise ValueError("the model has no QuantLinear modules: quantize it first (morphoquant.quantize)")
+    if (getattr(model, "morphoquant_rotation", None) or {}).get("layernorm_to_rmsnorm"):
+        raise UnsupportedExportError(
+            "this model was rotated for QuaRot/MQuant by turning its LayerNorms into RMSNorms and mapping the "
+            "encoder's input stream (Whisper): config.json cannot describe that structure, so the checkpoint would "
+            "not reload as evaluated. Export supports rotated Llama/Qwen2-style decoders; for this model export a "
+            "recipe without rotation (e.g. rtn-w4a4, gptq-w4a4, morpho) or set options.rotate: never for mquant")
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise ValueError("save_quantized needs a transformers model (with a .config) to rebuild it on load")

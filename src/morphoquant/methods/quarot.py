@@ -478,7 +478,8 @@ def _rotate_encoder_decoder(model: nn.Module, stacks, seed: int, online_down_pro
     fold(dec, "layer_norm", [(head, r_dec, False)])
     names = [s.name for s in stacks if s.blocks and (s.blocks[0] is enc.layers[0] or s.blocks[0] is dec.layers[0])]
     model.morphoquant_rotation = {"signs": r_dec.signs, "seed": seed + 1, "max_block": max_block,
-                                  "final_norm_weight": final_gamma, "final_norm_bias": final_beta, "hidden": hidden}
+                                  "final_norm_weight": final_gamma, "final_norm_bias": final_beta, "hidden": hidden,
+                                  "layernorm_to_rmsnorm": True}
     return {"stack": names[0] if len(names) == 1 else None, "stacks": names, "hidden": hidden,
             "residual_hadamard": r_dec.factor.kind, "seed": seed, "towers": [],
             "online_down_proj": online[0] if online else "off", "rotate_ov": rotate_ov, "layernorm_to_rmsnorm": True}

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..layers import QuantLinear
 from ..numerics import range_qparams
+from ..numerics.hadamard import hadamard_transform
 from ..numerics.integer_gemm import integer_linear, zero_point_correction
 from ..statistics.modality import Modality, row_modality_index
 from .kernels import AutoKernel, IntKernel, get_kernel, int_mm_matmul, prepare_first
@@ -62,6 +63,8 @@ class IntegerLinear(nn.Module):
             raise ValueError(f"cannot run this QuantLinear on integer kernels: {reason}")
         self.kernel = get_kernel(kernel)
         self.in_features, self.out_features = q.in_features, q.out_features
+        # a rotated layer (QuaRot's HadamardQuantLinear) quantizes x H, not x: the rotation stays, in floating point
+        self.hadamard = q.hadamard() if callable(getattr(q, "hadamard", None)) else None
         self.act, self.weight_spec, self.dabc = q.act, q.weight_spec, q.dabc
         spec = q.act.spec
         self.qmin, self.qmax = spec.qmin, spec.qmax
@@ -188,7 +191,7 @@ class IntegerLinear(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
+        x2 = self._rotated(x.reshape(-1, shape[-1]).float())
         codes, x_zero, x_scale, resid = self._quantize(x2)
         single = len(self.bounds) == 1
         if not single and codes.shape[0] * len(self.bounds) <= self.blockdiag_rows:
@@ -241,12 +244,15 @@ class IntegerLinear(nn.Module):
             y = part if y is None else y.add_(part)
         return y
 
+    def _rotated(self, x2: torch.Tensor) -> torch.Tensor:
+        return x2 if self.hadamard is None else hadamard_transform(x2, self.hadamard)
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same output through :func:`integer_linear` with ``matmul`` = ``torch._int_mm`` (slow, simple)."""
         if self._ref is None:
             raise RuntimeError("build the IntegerLinear with keep_reference=True to use reference_forward")
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
+        x2 = self._rotated(x.reshape(-1, shape[-1]).float())
         x_q, x_zero, x_scale, resid = self._quantize(x2)
         codes, w_scale, gs = self._ref
         y = integer_linear(x_q, codes, w_scale, x_zero=x_zero, x_scale=x_scale, group_size=gs, bias=None,
@@ -262,7 +268,8 @@ class IntegerLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, W{self.weight_spec.bits}"
                 f"-{self.weight_spec.granularity}{self.weight_spec.group_size or ''}, A{a.bits}-{a.granularity}"
                 f"{'-sym' if a.symmetric else '-asym'}, groups={len(self.bounds)}, kernel={self.kernel.name}"
-                + (f", dabc={self.dabc}[{self.outlier_idx.numel()}]" if self.has_dabc else ""))
+                + (f", dabc={self.dabc}[{self.outlier_idx.numel()}]" if self.has_dabc else "")
+                + (", online_hadamard" if self.hadamard is not None else ""))
 
 
 class RuntimeReport(dict):
