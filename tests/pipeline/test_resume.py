@@ -35,9 +35,12 @@ def _run(tmp_path, out, resume, env_extra=None, recipe="morpho", arch="llama"):
 # morpho changes only the linears; the others also fold scales into norms / neighbouring linears (SmoothQuant,
 # AWQ, OS+) or rotate the embeddings and head before the block loop (QuaRot, MQuant): a resumed run must restore
 # those too (before the fix, every one of them but morpho gave a different model after a resume)
-@pytest.mark.parametrize("recipe,arch", [("morpho", "llama"), ("quarot-w4a4", "llama"), ("mquant-w4a4", "qwen2"),
-                                         ("smoothquant-w4a4", "llama"), ("osplus-w4a4", "llama"),
-                                         ("awq-w4a16", "qwen2"), ("quarot-w4a4", "whisper")])
+# (three subprocesses each: the default suite keeps one method per kind of change, the rest are slow)
+@pytest.mark.parametrize("recipe,arch", [
+    ("morpho", "llama"), ("quarot-w4a4", "llama"), ("smoothquant-w4a4", "llama"), ("quarot-w4a4", "whisper"),
+    pytest.param("mquant-w4a4", "qwen2", marks=pytest.mark.slow),
+    pytest.param("osplus-w4a4", "llama", marks=pytest.mark.slow),
+    pytest.param("awq-w4a16", "qwen2", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_gives_identical_model(tmp_path, recipe, arch):
     run = {"recipe": recipe, "arch": arch}
     ref = _run(tmp_path, tmp_path / "ref.pt", "-", **run)
