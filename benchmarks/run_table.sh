@@ -47,6 +47,7 @@ for fmt in $FORMATS; do
     w8a8|w4a8)
       rs=(rtn-w4a4@$fmt)
       for r in smoothquant-w4a4 gptq-w4a4 "${ROT[@]}" mbq-w4a4 mquant-w4a4 osplus-w4a4 morpho morpho-reference \
+               morpho-reference-gptq \
                morpho-plus; do rs+=("$r@$fmt"); done
       run $fmt "${rs[@]}" ;;
     w4a16) run w4a16 rtn-w4a16 awq-w4a16 gptq-w4a16 quarot-w4a4@w4a16 quarot-gptq-w4a4@w4a16 ;;
