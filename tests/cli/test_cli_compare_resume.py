@@ -31,7 +31,7 @@ class _Task:
 
 @pytest.fixture
 def tiny(monkeypatch):
-    model, factory = tiny_model("whisper")      # no decoder QuaRot can rotate
+    model, factory = tiny_model("dinov2")       # an encoder QuaRot cannot rotate
     made = []
 
     def task_for(m, p, **kw):
