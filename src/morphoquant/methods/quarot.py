@@ -213,6 +213,24 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value.to(param.dtype))
 
 
+@torch.no_grad()
+def _write_stream(lin: nn.Linear, r: _Rot, centre: bool = False) -> None:
+    """A writer of the stream outputs ``y Q`` (``W ← Qᵀ W``, ``b ← b Q``); with ``centre``, ``(y − μ(y)) Q``
+    (``W ← Qᵀ C W``, ``b ← (b − mean b) Q``: the LayerNorm rotation keeps the stream centred)."""
+    w = lin.weight.detach().float()
+    _set(lin.weight, r.cols(w - w.mean(0, keepdim=True) if centre else w))
+    if lin.bias is not None:
+        b = lin.bias.detach().float()
+        _set(lin.bias, r.rows((b - b.mean() if centre else b).reshape(1, -1)).reshape(-1))
+
+
+def _online(linear: nn.Linear, seed: int, max_block: int) -> tuple[HadamardLinear, str]:
+    """``linear`` with the online Hadamard of its input (QuaRot's rotation before down_proj / fc2), and the
+    Hadamard factor's kind."""
+    f = hadamard_factor(linear.in_features, max_block=max_block, seed=seed)
+    return HadamardLinear.wrap(linear, f), f.kind
+
+
 def _tower_outputs(model: nn.Module) -> list[str]:
     """Names of the tower output linears (:data:`TOWER_OUTPUTS`); every tower root must have one."""
     towers = [name for name, mod in model.named_modules()
@@ -285,16 +303,11 @@ def rotate_model(model: nn.Module, stacks, seed: int = 0, online_down_proj: bool
     def read(lin):
         _set(lin.weight, r.rows(lin.weight.detach()))
 
-    def write(lin):
-        _set(lin.weight, r.cols(lin.weight.detach()))
-        if lin.bias is not None:
-            _set(lin.bias, r.rows(lin.bias.detach().reshape(1, -1)).reshape(-1))
-
     _set(embed.weight, r.rows(embed.weight.detach()))
     for e in extra_embeds:
         _set(e.weight, r.rows(e.weight.detach()))
     for name in towers:
-        write(model.get_submodule(name))
+        _write_stream(model.get_submodule(name), r)
     fold_norm(final_norm, [head])
     read(head)
     online = []
@@ -305,14 +318,12 @@ def rotate_model(model: nn.Module, stacks, seed: int = 0, online_down_proj: bool
         for lin in (at.q_proj, at.k_proj, at.v_proj, mlp.gate_proj, mlp.up_proj):
             read(lin)
         for lin in (at.o_proj, mlp.down_proj):
-            write(lin)
+            _write_stream(lin, r)
         if rotate_ov:
             _rotate_heads(at, at.v_proj, at.o_proj, seed, max_block)
         if online_down_proj:
-            d = mlp.down_proj
-            f = hadamard_factor(d.in_features, max_block=max_block, seed=seed)
-            mlp.down_proj = HadamardLinear.wrap(d, f)
-            online.append(f.kind)
+            mlp.down_proj, kind = _online(mlp.down_proj, seed, max_block)
+            online.append(kind)
     info = {"stack": stack.name, "hidden": hidden, "residual_hadamard": r.factor.kind, "seed": seed,
             "towers": towers, "online_down_proj": online[0] if online else "off", "rotate_ov": rotate_ov}
     model.morphoquant_rotation = {"signs": r.signs, "seed": seed, "max_block": max_block,
@@ -400,7 +411,8 @@ class _EntranceRotation:
         return args, {**kwargs, "hidden_states": self.map(kwargs["hidden_states"])}
 
     def map(self, h: torch.Tensor) -> torch.Tensor:
-        hc = h.float() - h.float().mean(-1, keepdim=True)
+        hf = h.float()
+        hc = hf - hf.mean(-1, keepdim=True)
         return self.rot.rows(hc.reshape(-1, hc.shape[-1])).reshape(h.shape).to(h.dtype)
 
 
@@ -420,13 +432,6 @@ def _rotate_encoder_decoder(model: nn.Module, stacks, seed: int, online_down_pro
         cfg.tie_word_embeddings = False
     final_gamma = dec.layer_norm.weight.detach().float().clone()
     final_beta = dec.layer_norm.bias.detach().float().clone() if dec.layer_norm.bias is not None else None
-
-    def write(lin, r):                                   # y ↦ (y − μ(y)) Q
-        w = lin.weight.detach().float()
-        _set(lin.weight, r.cols(w - w.mean(0, keepdim=True)))
-        if lin.bias is not None:
-            b = lin.bias.detach().float()
-            _set(lin.bias, r.rows((b - b.mean()).reshape(1, -1)).reshape(-1))
 
     def embed(table, r):
         e = table.weight.detach().float()
@@ -451,20 +456,19 @@ def _rotate_encoder_decoder(model: nn.Module, stacks, seed: int, online_down_pro
     def block(b, r, cross):
         at = b.self_attn
         fold(b, "self_attn_layer_norm", [(at.q_proj, r, False), (at.k_proj, r, True), (at.v_proj, r, False)])
-        write(at.out_proj, r)
+        _write_stream(at.out_proj, r, centre=True)
         if cross:
             fold(b, "encoder_attn_layer_norm", [(b.encoder_attn.q_proj, r, False)])
-            write(b.encoder_attn.out_proj, r)
+            _write_stream(b.encoder_attn.out_proj, r, centre=True)
         fold(b, "final_layer_norm", [(b.fc1, r, False)])
-        write(b.fc2, r)
+        _write_stream(b.fc2, r, centre=True)
         if rotate_ov:
             _rotate_heads(at, at.v_proj, at.out_proj, seed, max_block)
             if cross:
                 _rotate_heads(b.encoder_attn, b.encoder_attn.v_proj, b.encoder_attn.out_proj, seed, max_block)
         if online_down_proj:
-            f = hadamard_factor(b.fc2.in_features, max_block=max_block, seed=seed)
-            b.fc2 = HadamardLinear.wrap(b.fc2, f)
-            return f.kind
+            b.fc2, kind = _online(b.fc2, seed, max_block)
+            return kind
         return "off"
 
     _EntranceRotation(enc, r_enc)
