@@ -80,3 +80,12 @@ def test_fallback_factor_transform_is_orthogonal_on_vectors():
     y = hadamard_transform(x)
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-4)
     assert torch.allclose((x[0] * x[1]).sum(), (y[0] * y[1]).sum(), rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("n", [64, 576, 896, 2752, 80])   # sylvester, paley, random-orthogonal (2752 = 64·43)
+def test_inverse_transform_undoes_and_matches_dense_transpose(n):
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(n))
+    f = hadamard_factor(n, seed=3)
+    y = hadamard_transform(x, f)
+    assert torch.allclose(hadamard_transform(y, f, inverse=True), x, atol=1e-4)
+    assert torch.allclose(hadamard_transform(x, f, inverse=True), x @ hadamard_matrix(n, f).T, atol=1e-4)

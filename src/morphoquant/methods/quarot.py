@@ -199,10 +199,8 @@ class _Rot:
     def cols(self, w: torch.Tensor) -> torch.Tensor:              # W ↦ Qᵀ W
         return self.rows(w.float().T).T
 
-    def inverse_rows(self, h: torch.Tensor) -> torch.Tensor:      # r ↦ r Qᵀ
-        hh = h.float()
-        q = self.matrix()
-        return hh @ q.T
+    def inverse_rows(self, h: torch.Tensor) -> torch.Tensor:      # r ↦ r Qᵀ = (r Hᵀ) ⊙ signs
+        return hadamard_transform(h.float(), self.factor, inverse=True) * self.signs
 
     def matrix(self) -> torch.Tensor:
         return self.rows(torch.eye(self.n))

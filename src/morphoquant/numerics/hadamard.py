@@ -158,8 +158,9 @@ def hadamard_factor(n: int, max_block: int = 512, seed: int = 0) -> HadamardFact
     return HadamardFactor(n, 1 << k, _random_orthogonal(m, seed), "random-orthogonal")
 
 
-def hadamard_transform(x: torch.Tensor, factor: HadamardFactor | None = None) -> torch.Tensor:
-    """``x · H_n`` (orthonormal) along the last axis for any width (fp32 compute, input dtype returned)."""
+def hadamard_transform(x: torch.Tensor, factor: HadamardFactor | None = None, inverse: bool = False) -> torch.Tensor:
+    """``x · H_n`` (orthonormal) along the last axis for any width (fp32 compute, input dtype returned); with
+    ``inverse``, ``x · H_nᵀ = x · H_n⁻¹`` (``H_nᵀ = H_p ⊗ Bᵀ``: the Sylvester factor is symmetric)."""
     n = x.shape[-1]
     factor = factor or hadamard_factor(n)
     if factor.n != n:
@@ -172,7 +173,7 @@ def hadamard_transform(x: torch.Tensor, factor: HadamardFactor | None = None) ->
     y = y.reshape(-1, factor.p, factor.b)
     if factor.p > 1:
         y = fwht(y.transpose(1, 2)).transpose(1, 2)        # H_pᵀ X (Sylvester H_p is symmetric)
-    y = y @ factor.block.to(y.device)
+    y = y @ (factor.block.T if inverse else factor.block).to(y.device)
     return y.reshape(shape).to(dtype)
 
 
