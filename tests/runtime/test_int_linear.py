@@ -195,7 +195,11 @@ def test_loaded_checkpoint_runs_on_integer_runtime(tmp_path):
         assert torch.equal(model(**sample).logits, loaded(**sample).logits)
 
 
-def test_rotated_model_keeps_its_online_hadamard_through_a_checkpoint_and_the_integer_runtime(tmp_path):
+@pytest.mark.parametrize("name,over", [
+    ("quarot-w4a4", {}),
+    # MorphoQuant's online Hadamard: static per-channel ranges, DABC outliers and GPTQ on x·H
+    ("morpho", {"options": {"online_hadamard": ["down_proj"], "clip_search": False}, "weight_method": "gptq"})])
+def test_rotated_model_keeps_its_online_hadamard_through_a_checkpoint_and_the_integer_runtime(tmp_path, name, over):
     """QuaRot's down_proj quantizes x·H: the checkpoint stores the Hadamard block and reloads a
     HadamardQuantLinear, and the integer runtime rotates before quantizing (before the fix both dropped H)."""
     from morphoquant import quantize
@@ -205,7 +209,7 @@ def test_rotated_model_keeps_its_online_hadamard_through_a_checkpoint_and_the_in
     from morphoquant.pipeline.recipe import load_recipe
 
     model, factory = tiny_model("llama")
-    recipe = load_recipe("quarot-w4a4", {"weights": {"group_size": 16}})
+    recipe = load_recipe(name, {"weights": {"group_size": 16}, **over})
     quantize(model, recipe, [factory(seed=0)], progress=False)
     assert isinstance(model.model.layers[0].mlp.down_proj, HadamardQuantLinear)
     save_quantized(model, tmp_path / "m", recipe, verbose=False)

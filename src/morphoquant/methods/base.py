@@ -80,6 +80,12 @@ class Method:
         """Whole-model work before the block loop; returns a state dict handed to every block."""
         return {}
 
+    def transform(self, model: nn.Module, stacks: list) -> dict:
+        """A function-preserving change of the model made before any statistic is collected (the global
+        pre-pass included), e.g. an online Hadamard on some inputs; returns a summary for the report. Must be
+        deterministic: a run resuming from a checkpoint calls it again. The default changes nothing."""
+        return {}
+
     def restore(self, model: nn.Module, stacks: list, state: dict) -> None:
         """Re-apply, on a freshly loaded model, the changes :meth:`prepare` made outside the blocks (a run
         resuming from a checkpoint gets ``state`` from it and does not call :meth:`prepare`). Methods whose

@@ -42,6 +42,7 @@ from ..numerics import QuantSpec, dequantize, quantize, quantize_weight, range_q
 from ..statistics import Modality, ModalityStats
 from ..statistics.dispersion import Threshold, global_threshold, modality_outlier_mask
 from .base import BlockContext, Method, MethodOptions, register
+from .quarot import HadamardLinear, HadamardQuantLinear, online_hadamard_linear, quantize_online
 
 
 class MorphoOptions(MethodOptions):
@@ -88,6 +89,14 @@ class MorphoOptions(MethodOptions):
     modality_range_high: float = Field(4.0, gt=0)
     modality_range_points: int = Field(25, ge=2)
     modality_range_min_rows: int = Field(32, ge=1)
+    # --- online Hadamard (our extension 5)
+    online_hadamard: list[str] = Field(default_factory=list)
+    """Suffixes of linears (e.g. ``[down_proj]``, ``[fc2]`` for Whisper) whose input gets an online Hadamard
+    ``x ↦ x H`` (weight ``W ← W H``, the same function) before any statistic: outlier channels are spread over
+    all channels, so the static per-channel ranges of those inputs shrink. Costs one fast Hadamard transform of
+    the input at run time (deployed with the checkpoint, ``online_hadamard`` in docs/serving.md)."""
+    hadamard_max_block: int = Field(512, ge=1)
+    """Largest dense Paley factor of a non-power-of-two width (beyond: a seeded random orthogonal factor)."""
 
     @model_validator(mode="after")
     def _grid(self):
@@ -456,6 +465,24 @@ class MorphoQuant(Method):
     def needs_global_stats(self) -> bool:  # type: ignore[override]
         return "global" in self.options.thresholds
 
+    def transform(self, model, stacks) -> dict:
+        """Online Hadamard on the inputs of the linears named by ``online_hadamard`` (option docstring)."""
+        suffixes = tuple(self.options.online_hadamard)
+        if not suffixes:
+            return {}
+        wrapped, kinds = 0, set()
+        for stack in stacks:
+            for block in stack.blocks:
+                for name, lin in list(block.named_modules()):
+                    if name.endswith(suffixes) and type(lin) is nn.Linear:
+                        new, kind = online_hadamard_linear(lin, seed=0, max_block=self.options.hadamard_max_block)
+                        block.set_submodule(name, new)
+                        wrapped, kinds = wrapped + 1, kinds | {kind}
+        if not wrapped:
+            raise ValueError(f"online_hadamard {list(suffixes)}: no nn.Linear of the quantized stacks ends with "
+                             f"these names; use the names of the model's linears (e.g. down_proj, fc2)")
+        return {"online_hadamard": {"linears": wrapped, "factors": sorted(kinds)}}
+
     def prepare(self, model, stacks, global_stats) -> dict:
         if global_stats is None:
             return {}
@@ -526,9 +553,9 @@ class MorphoQuant(Method):
             if o.modality_ranges:
                 t, tinfo = search_modality_scales(x, ids, -clip, clip, mask, o, act.spec, True)
                 report.update(tinfo)
-            return QuantLinear.from_linear(linear, ctx.weight_spec, act, act_clip=clip, outlier_idx=outlier_idx,
-                                           dabc=o.dabc, outlier_threshold=threshold,
-                                           weight_quantizer=ctx.weight_quantizer(name), modality_scale=t)
+            return _quant_linear(linear, ctx.weight_spec, act, act_clip=clip, outlier_idx=outlier_idx,
+                                 dabc=o.dabc, outlier_threshold=threshold,
+                                 weight_quantizer=ctx.weight_quantizer(name), modality_scale=t)
         if o.dabc == "dense" and o.outlier_scale != "own" and outlier_idx.numel() and bool((~mask).any()):
             s, _ = range_qparams(lo_c, hi_c, act.spec)
             if o.outlier_scale == "median":
@@ -545,9 +572,16 @@ class MorphoQuant(Method):
         if o.modality_ranges:
             t, tinfo = search_modality_scales(x, ids, lo_c, hi_c, mask, o, act.spec, False)
             report.update(tinfo)
-        return QuantLinear.from_linear(linear, ctx.weight_spec, act, act_range=(lo_c, hi_c),
-                                       outlier_idx=outlier_idx, dabc=o.dabc, outlier_threshold=threshold,
-                                       weight_quantizer=ctx.weight_quantizer(name), modality_scale=t)
+        return _quant_linear(linear, ctx.weight_spec, act, act_range=(lo_c, hi_c),
+                             outlier_idx=outlier_idx, dabc=o.dabc, outlier_threshold=threshold,
+                             weight_quantizer=ctx.weight_quantizer(name), modality_scale=t)
+
+
+def _quant_linear(linear: nn.Linear, *args, **kwargs) -> QuantLinear:
+    """``QuantLinear.from_linear``, or its online-Hadamard variant for a linear wrapped by ``transform``."""
+    if isinstance(linear, HadamardLinear):
+        return quantize_online(linear, HadamardQuantLinear, *args, **kwargs)
+    return QuantLinear.from_linear(linear, *args, **kwargs)
 
 
 def _loss_by_modality(x, xh0, xh1, ids, p) -> dict:

@@ -60,6 +60,8 @@ __all__ = [
     "QuaRot",
     "QuaRotOptions",
     "UnsupportedRotationError",
+    "online_hadamard_linear",
+    "quantize_online",
     "rotatable_stacks",
     "rotate_model",
     "unrotate_hidden_states",
@@ -222,7 +224,7 @@ def _write_stream(lin: nn.Linear, r: _Rot, centre: bool = False) -> None:
         _set(lin.bias, r.rows((b - b.mean() if centre else b).reshape(1, -1)).reshape(-1))
 
 
-def _online(linear: nn.Linear, seed: int, max_block: int) -> tuple[HadamardLinear, str]:
+def online_hadamard_linear(linear: nn.Linear, seed: int, max_block: int) -> tuple[HadamardLinear, str]:
     """``linear`` with the online Hadamard of its input (QuaRot's rotation before down_proj / fc2), and the
     Hadamard factor's kind."""
     f = hadamard_factor(linear.in_features, max_block=max_block, seed=seed)
@@ -320,7 +322,7 @@ def rotate_model(model: nn.Module, stacks, seed: int = 0, online_down_proj: bool
         if rotate_ov:
             _rotate_heads(at, at.v_proj, at.o_proj, seed, max_block)
         if online_down_proj:
-            mlp.down_proj, kind = _online(mlp.down_proj, seed, max_block)
+            mlp.down_proj, kind = online_hadamard_linear(mlp.down_proj, seed, max_block)
             online.append(kind)
     info = {"stack": stack.name, "hidden": hidden, "residual_hadamard": r.factor.kind, "seed": seed,
             "towers": towers, "online_down_proj": online[0] if online else "off", "rotate_ov": rotate_ov}
@@ -465,7 +467,7 @@ def _rotate_encoder_decoder(model: nn.Module, stacks, seed: int, online_down_pro
             if cross:
                 _rotate_heads(b.encoder_attn, b.encoder_attn.v_proj, b.encoder_attn.out_proj, seed, max_block)
         if online_down_proj:
-            b.fc2, kind = _online(b.fc2, seed, max_block)
+            b.fc2, kind = online_hadamard_linear(b.fc2, seed, max_block)
             return kind
         return "off"
 

@@ -301,11 +301,15 @@ class LayerwiseRunner:
             self.report.channels = saved["channels"]
             self.report.passthrough = saved["passthrough"]
             self._seconds_before = float(saved.get("seconds", 0.0))   # checkpoints older than this field: 0
+            self.method.transform(self.model, enabled)
             self.method.restore(self.model, enabled, state)
             log.info("resuming from %s (%d blocks done)", self.resume.dir, len(self.resume.done))
         else:
+            transformed = self.method.transform(self.model, enabled)
             global_stats = self._global_prepass(enabled) if self.method.needs_global_stats else None
             state = self.method.prepare(self.model, enabled, global_stats)
+            if transformed:
+                state = {**state, "transform": transformed}
             if self.resume is not None:
                 self.resume.clear()
                 self.resume.save_state(state)
