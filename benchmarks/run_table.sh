@@ -20,14 +20,15 @@ else
 fi
 ROT=(quarot-w4a4 quarot-gptq-w4a4)     # an error row where the model has no decoder QuaRot can rotate
 W4A4=(rtn-w4a4 rtn-w4a4-static smoothquant-w4a4 gptq-w4a4 "${ROT[@]}" mbq-w4a4 mquant-w4a4 osplus-w4a4
-      morpho $T/morpho-gptq.yaml morpho-reference morpho-reference-gptq morpho-modal morpho-plus
+      morpho $T/morpho-gptq.yaml morpho-reference morpho-reference-gptq $T/morpho-reference-gptq-hadamard.yaml
+      morpho-modal morpho-plus
       $T/morpho-plus-rtn.yaml)
 ran=()
 run() {   # FORMAT RECIPE...
   local fmt=$1; shift
   local args=()
   for r in "$@"; do
-    local row; row=$(basename "${r%.yaml}")
+    local row; row=$(basename "$r"); row=${row/.yaml@/@}; row=${row%.yaml}    # dir/x.yaml@w8a8 -> x@w8a8
     if [[ -n ${FINISHED_ONLY:-} && ! -f $OUT-$fmt/$row/run.json ]]; then continue; fi
     args+=(-r "$r")
   done
@@ -47,7 +48,7 @@ for fmt in $FORMATS; do
     w8a8|w4a8)
       rs=(rtn-w4a4@$fmt)
       for r in smoothquant-w4a4 gptq-w4a4 "${ROT[@]}" mbq-w4a4 mquant-w4a4 osplus-w4a4 morpho morpho-reference \
-               morpho-reference-gptq \
+               morpho-reference-gptq $T/morpho-reference-gptq-hadamard.yaml \
                morpho-plus; do rs+=("$r@$fmt"); done
       run $fmt "${rs[@]}" ;;
     w4a16) run w4a16 rtn-w4a16 awq-w4a16 gptq-w4a16 quarot-w4a4@w4a16 quarot-gptq-w4a4@w4a16 ;;
