@@ -82,7 +82,7 @@ class Method:
 
     def transform(self, model: nn.Module, stacks: list) -> dict:
         """A function-preserving change of the model made before any statistic is collected (the global
-        pre-pass included), e.g. an online Hadamard on some inputs; returns a summary for the report. Must be
+        pre-pass included), e.g. an online Hadamard on some inputs; returns a summary, kept in the run's state. Must be
         deterministic: a run resuming from a checkpoint calls it again. The default changes nothing."""
         return {}
 

@@ -21,6 +21,10 @@ Per linear layer, from calibration statistics with padding excluded:
 4. **Modality awareness** (our extension): every expectation above is a weighted mean over rows, the weights
    either pooled (``1/N``) or balanced per modality (``w_m / N_m``, equal ``w_m`` by default), so a rare
    modality's tokens weigh as much as the dominant one's; losses are reported per modality.
+5. **Online Hadamard** (our extension, option ``online_hadamard``): chosen linears (e.g. ``down_proj``) compute
+   ``(x H)(W H)ᵀ = x Wᵀ`` with an orthonormal Hadamard ``H``, set up before any statistic, so steps 1–3 see the
+   rotated input, whose outliers are spread over all channels (docs/results.md, "Online Hadamard before
+   ``down_proj``").
 
 Static per-input-channel scales are folded into the weights before weight quantization (see ``QuantLinear``).
 Because a dense-DABC outlier channel is reconstructed exactly whatever its scale, its scale is set to the median

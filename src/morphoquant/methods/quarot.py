@@ -204,9 +204,6 @@ class _Rot:
     def inverse_rows(self, h: torch.Tensor) -> torch.Tensor:      # r ↦ r Qᵀ = (r Hᵀ) ⊙ signs
         return hadamard_transform(h.float(), self.factor, inverse=True) * self.signs
 
-    def matrix(self) -> torch.Tensor:
-        return self.rows(torch.eye(self.n))
-
 
 @torch.no_grad()
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
