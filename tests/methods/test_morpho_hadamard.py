@@ -15,13 +15,32 @@ def test_transform_wraps_the_named_linears_and_keeps_the_function(perturb_norms,
     adapter = get_adapter(model)
     sample = factory(seed=3)
     ref = forward_output(model, sample, adapter)
-    info = MorphoQuant({"online_hadamard": ["down_proj"]}).transform(model, adapter.stacks())
+    info = MorphoQuant({"online_hadamard": ["down_proj", "fc2"]}).transform(model, adapter.stacks())
     layers = model.model.layers
     assert info["online_hadamard"]["linears"] == len(layers)
     for layer in layers:
         assert isinstance(layer.mlp.down_proj, HadamardLinear)
         assert type(layer.mlp.up_proj) is torch.nn.Linear and type(layer.self_attn.o_proj) is torch.nn.Linear
     assert torch.allclose(forward_output(model, sample, adapter), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_whisper_fc2_of_encoder_and_decoder_is_wrapped_and_quantized(perturb_norms, forward_output, run_recipe):
+    model, factory = tiny_model("whisper")
+    perturb_norms(model)
+    adapter = get_adapter(model)
+    sample = factory(seed=3)
+    ref = forward_output(model, sample, adapter)
+    MorphoQuant({"online_hadamard": ["fc2"]}).transform(model, adapter.stacks())
+    blocks = list(model.model.encoder.layers) + list(model.model.decoder.layers)
+    assert all(isinstance(b.fc2, HadamardLinear) for b in blocks)
+    assert torch.allclose(forward_output(model, sample, adapter), ref, atol=1e-4, rtol=1e-4)
+    recipe = {"method": "morpho", "weights": {"bits": 4, "granularity": "group", "group_size": 16},
+              "activations": {"bits": 8, "symmetric": False, "granularity": "channel"},
+              "options": {"online_hadamard": ["fc2"], "clip_search": False}}
+    err, _, quantized = run_recipe("whisper", recipe)
+    assert all(isinstance(b.fc2, HadamardQuantLinear)
+               for b in list(quantized.model.encoder.layers) + list(quantized.model.decoder.layers))
+    assert err < 0.2
 
 
 def test_no_matching_linear_is_a_clear_error():
