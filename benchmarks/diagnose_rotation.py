@@ -8,15 +8,22 @@ docs/table.md). For every decoder ``Linear``, the output-weighted error of int4 
 * ``folded``  — γ folded into the readers, not rotated: X = x̂, W diag(γ) (readers of a norm only);
 * ``rotated`` — QuaRot's model (γ folded, residual-stream Hadamard, online Hadamard before down_proj).
 
+* ``act-folded`` — MorphoQuant's deployable form: the static per-input-channel activation scale s (asymmetric int4,
+  ranges = min/max of the same windows, no clip) folded into the weight, X / s and W diag(s);
+* ``act-folded sorted`` — the same, input channels permuted by s before the weight groups are formed (a
+  permutation of the reduction dimension, applied to both operands, leaves the GEMM exact).
+
 A rise from ``plain`` to ``folded`` is the cost of folding the norm weight, from ``folded`` to ``rotated`` the cost
-of the rotation itself.
+of the rotation itself; from ``plain`` to ``act-folded`` the cost of folding a static activation scale.
 
 ``activations`` — which int4 activation format suits which input, with and without the rotation. For every
 decoder ``Linear``, ``‖(Q(X) − X) Wᵀ‖_F / ‖X Wᵀ‖_F`` on held-out windows (seed 1) for static per-input-channel
 asymmetric int4 (ranges = min/max of the calibration windows, seed 0; the ``rtn-w4a4-static`` format, no clip) and
 dynamic per-token symmetric int4 (``rtn-w4a4``), in the plain and the rotated model. A down_proj input in the
 rotated model is exactly the plain one times the online Hadamard, so its rows show what an online Hadamard alone
-does there.
+does there. A second table weighs every token equally: the mean over held-out tokens t of
+``‖(Q(X) − X)_t Wᵀ‖ / ‖X_t Wᵀ‖``. The Frobenius ratio is dominated by the few massive-activation tokens (norms
+hundreds of times the median); perplexity counts every token once.
 
 Each prints the mean over blocks per projection kind.
 
@@ -73,6 +80,11 @@ def weight_errors(model, rotated, samples) -> dict[str, dict[str, list[float]]]:
             x_hat = torch.where(g == 0, torch.zeros_like(x), x / torch.where(g == 0, torch.ones_like(g), g))
             sums[kind]["folded"].append(rel_error(x_hat, w * g, spec))
         sums[kind]["rotated"].append(rel_error(x_rot[name], rotated.get_submodule(name).weight.float(), spec))
+        a_scale, _ = range_qparams(x.amin(0), x.amax(0), QuantSpec(bits=4, symmetric=False, granularity="channel"))
+        a_scale = a_scale.reshape(-1)
+        sums[kind]["act-folded"].append(rel_error(x / a_scale, w * a_scale, spec))
+        order = torch.argsort(a_scale)        # input channels of similar scale share a weight group
+        sums[kind]["act-folded sorted"].append(rel_error((x / a_scale)[:, order], (w * a_scale)[:, order], spec))
     return sums
 
 
@@ -86,11 +98,13 @@ def activation_errors(model, rotated, calib, held_out) -> dict[str, dict[str, li
             w = m.get_submodule(name).weight.float()
             y = (x @ w.T).norm()
             s, z = range_qparams(xc[name].amin(0), xc[name].amax(0), static)
-            e_static = ((fake_quantize(x, static, "activation", scale=s, zero_point=z) - x) @ w.T).norm() / y
-            e_token = ((fake_quantize(x, token, "activation") - x) @ w.T).norm() / y
+            yt = (x @ w.T).norm(dim=1).clamp_min(1e-12)
+            err = {"static": (fake_quantize(x, static, "activation", scale=s, zero_point=z) - x) @ w.T,
+                   "token": (fake_quantize(x, token, "activation") - x) @ w.T}
             kind = name.rsplit(".", 1)[-1]
-            sums[kind][f"{tag} static"].append(e_static.item())
-            sums[kind][f"{tag} token"].append(e_token.item())
+            for fmt, e in err.items():
+                sums[kind][f"{tag} {fmt}"].append((e.norm() / y).item())
+                sums[kind][f"{tag} {fmt}/tok"].append((e.norm(dim=1) / yt).mean().item())
     return sums
 
 
@@ -108,15 +122,21 @@ def main() -> None:
     task = TextLMTask(tok)
     calib = task.calibration_samples(a.windows, a.seq_len, seed=0)
     if a.what == "weights":
-        sums, cols = weight_errors(model, rotated, calib), ["plain", "folded", "rotated"]
+        sums, cols = weight_errors(model, rotated, calib), ["plain", "folded", "rotated", "act-folded",
+                                                           "act-folded sorted"]
     else:
         held_out = task.calibration_samples(a.windows, a.seq_len, seed=1)
         sums = activation_errors(model, rotated, calib, held_out)
         cols = ["plain static", "plain token", "rotated static", "rotated token"]
-    print(f"{'linear':10s} " + " ".join(f"{c:>14s}" for c in cols) + "   (mean over blocks)")
-    for kind, d in sums.items():
-        mean = {k: sum(v) / len(v) for k, v in d.items()}
-        print(f"{kind:10s} " + " ".join(f"{mean[c]:14.4f}" if c in mean else f"{'—':>14s}" for c in cols))
+    tables = [("", cols)]
+    if a.what == "activations":
+        tables.append(("per-token mean, ", [f"{c}/tok" for c in cols]))
+    for title, cs in tables:
+        print(f"{'linear':10s} " + " ".join(f"{c.removesuffix('/tok'):>17s}" for c in cs)
+              + f"   ({title}mean over blocks)")
+        for kind, d in sums.items():
+            mean = {k: sum(v) / len(v) for k, v in d.items()}
+            print(f"{kind:10s} " + " ".join(f"{mean[c]:17.4f}" if c in mean else f"{'—':>17s}" for c in cs))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,12 @@ The block's inputs are the full-precision hidden states entering it (calibration
 so variants are compared on exactly the same data in seconds rather than a full-model run. The error is the
 pipeline's mean per-token relative error ``mean_n ‖ŷ_n − y_n‖ / ‖y_n‖`` of the block output.
 
-usage: python benchmarks/probe_block.py MODEL BLOCK "RECIPE[,key=value...];RECIPE..." [--windows 8]
+``--held-out N`` also measures that error, with the same function, on N held-out windows (seed 1) and again on the
+calibration windows: a static activation range or clip fitted to the calibration tokens shows as a gap between the
+two, a dynamic per-token format does not. Not for recipes that rotate the residual stream (QuaRot, MQuant-style),
+whose block expects rotated inputs.
+
+usage: python benchmarks/probe_block.py MODEL BLOCK "RECIPE[,key=value...];RECIPE..." [--windows 8] [--held-out N]
 e.g.   python benchmarks/probe_block.py smollm2-135m 5 "rtn-w4a4-static;morpho;morpho,options.lambda_cos=0"
 """
 from __future__ import annotations
@@ -14,6 +19,7 @@ import copy
 import json
 
 import torch
+from torch import nn
 
 from morphoquant.eval.tasks import TextLMTask
 from morphoquant.models import get_adapter
@@ -38,6 +44,30 @@ def parse_variant(v: str) -> tuple[str, dict]:
     return name, over
 
 
+def block_inputs(model, block: nn.Module, samples) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) ``block`` receives in ``model``'s forward, one per sample."""
+    seen: list[tuple[tuple, dict]] = []
+    h = block.register_forward_pre_hook(lambda _m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        for smp in samples:
+            model(**smp, use_cache=False)    # a cache would keep this forward's keys for the next calls
+    h.remove()
+    return seen
+
+
+def token_error(fp_block: nn.Module, q_block: nn.Module, inputs) -> float:
+    """mean over tokens of ``‖ŷ_n − y_n‖ / ‖y_n‖`` for the block outputs on the same inputs."""
+    num, den = 0.0, 0
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            yf, yq = fp_block(*args, **kwargs), q_block(*args, **kwargs)
+            yf, yq = (y[0] if isinstance(y, tuple) else y for y in (yf, yq))
+            yf, yq = yf.reshape(-1, yf.shape[-1]).float(), yq.reshape(-1, yq.shape[-1]).float()
+            num += float(((yq - yf).norm(dim=1) / yf.norm(dim=1).clamp_min(1e-30)).sum())
+            den += yf.shape[0]
+    return num / den
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -45,11 +75,17 @@ def main() -> None:
     ap.add_argument("variants")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--held-out", type=int, default=0, help="also measure on N held-out windows (seed 1)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
     model.model.layers = model.model.layers[:a.block + 1]      # nothing after the probed block is needed
-    samples = TextLMTask(tok, 4, 512).calibration_samples(a.windows, 512)
+    task = TextLMTask(tok, 4, 512)
+    samples = task.calibration_samples(a.windows, 512)
+    if a.held_out:
+        held_out = task.calibration_samples(a.held_out, 512, seed=1)
+        fp_block = model.model.layers[a.block]
+        inputs = {"calibration": block_inputs(model, fp_block, samples), "held-out": block_inputs(model, fp_block, held_out)}
     for v in a.variants.split(";"):
         name, over = parse_variant(v)
         m = copy.deepcopy(model)
@@ -57,7 +93,11 @@ def main() -> None:
         stacks[0].blocks = [m.model.layers[a.block]]            # capture stops at this block's input
         with torch.no_grad():
             rec = LayerwiseRunner(m, stacks, load_recipe(name, over), samples, progress=False).run().records[0]
-        print(f"{v}: block {a.block} error {rec.rel_error['all']:.4f}  ({rec.seconds:.0f} s)", flush=True)
+        line = f"{v}: block {a.block} error {rec.rel_error['all']:.4f}  ({rec.seconds:.0f} s)"
+        if a.held_out:
+            q_block = m.model.layers[a.block]
+            line += "  " + "  ".join(f"{k} {token_error(fp_block, q_block, x):.4f}" for k, x in inputs.items())
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,11 @@ else
 fi
 ROT=(quarot-w4a4 quarot-gptq-w4a4)     # an error row where the model has no decoder QuaRot can rotate
 W4A4=(rtn-w4a4 rtn-w4a4-static smoothquant-w4a4 gptq-w4a4 "${ROT[@]}" mbq-w4a4 mquant-w4a4 osplus-w4a4
-      morpho $T/morpho-gptq.yaml morpho-reference morpho-reference-gptq $T/morpho-reference-gptq-hadamard.yaml
-      morpho-modal morpho-plus
-      $T/morpho-plus-rtn.yaml)
+      morpho morpho-reference-gptq morpho-reference $T/morpho-reference-gptq-hadamard.yaml morpho-plus
+      $T/morpho-gptq.yaml $T/morpho-plus-rtn.yaml)
+# morpho-modal differs from morpho only where a model feeds more than one modality into one decoder: on these
+# single-modality models it gives the same model bit for bit (tests/methods/test_method_morpho.py; SmolLM2 and
+# Whisper rows measured identical), so it is not run again here — benchmarks/run_omni_table.sh runs it.
 ran=()
 run() {   # FORMAT RECIPE...
   local fmt=$1; shift
