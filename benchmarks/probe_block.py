@@ -6,7 +6,7 @@ pipeline's mean per-token relative error ``mean_n ‖ŷ_n − y_n‖ / ‖y_n‖
 
 ``--held-out N`` also measures that error, with the same function, on N held-out windows (seed 1) and again on the
 calibration windows: a static activation range or clip fitted to the calibration tokens shows as a gap between the
-two, a dynamic per-token format does not. Not for recipes that rotate the residual stream (QuaRot, MQuant-style),
+two, a dynamic per-token format does not; the windows' first tokens (massive activations) are also reported alone. Not for recipes that rotate the residual stream (QuaRot, MQuant-style),
 whose block expects rotated inputs.
 
 usage: python benchmarks/probe_block.py MODEL BLOCK "RECIPE[,key=value...];RECIPE..." [--windows 8] [--held-out N]
@@ -55,17 +55,17 @@ def block_inputs(model, block: nn.Module, samples) -> list[tuple[tuple, dict]]:
     return seen
 
 
-def token_error(fp_block: nn.Module, q_block: nn.Module, inputs) -> float:
-    """mean over tokens of ``‖ŷ_n − y_n‖ / ‖y_n‖`` for the block outputs on the same inputs."""
-    num, den = 0.0, 0
+def token_error(fp_block: nn.Module, q_block: nn.Module, inputs) -> tuple[float, float]:
+    """(mean over tokens, mean over the windows' first tokens) of ``‖ŷ_n − y_n‖ / ‖y_n‖`` for the block outputs
+    on the same inputs. The first token of a window carries the massive activations (the attention sink)."""
+    errs = []
     with torch.no_grad():
         for args, kwargs in inputs:
             yf, yq = fp_block(*args, **kwargs), q_block(*args, **kwargs)
             yf, yq = (y[0] if isinstance(y, tuple) else y for y in (yf, yq))
-            yf, yq = yf.reshape(-1, yf.shape[-1]).float(), yq.reshape(-1, yq.shape[-1]).float()
-            num += float(((yq - yf).norm(dim=1) / yf.norm(dim=1).clamp_min(1e-30)).sum())
-            den += yf.shape[0]
-    return num / den
+            errs.append((yq - yf).float().norm(dim=-1) / yf.float().norm(dim=-1).clamp_min(1e-30))   # [B, T]
+    e = torch.cat([x.reshape(-1, x.shape[-1]) for x in errs])
+    return float(e.mean()), float(e[:, 0].mean())
 
 
 def main() -> None:
@@ -96,7 +96,9 @@ def main() -> None:
         line = f"{v}: block {a.block} error {rec.rel_error['all']:.4f}  ({rec.seconds:.0f} s)"
         if a.held_out:
             q_block = m.model.layers[a.block]
-            line += "  " + "  ".join(f"{k} {token_error(fp_block, q_block, x):.4f}" for k, x in inputs.items())
+            for k, x in inputs.items():
+                mean, first = token_error(fp_block, q_block, x)
+                line += f"  {k} {mean:.4f} (first token {first:.4f})"
         print(line, flush=True)
 
 
