@@ -8,6 +8,7 @@ from morphoquant.methods.quarot import (
     UnsupportedRotationError,
     rotate_model,
     unrotate_hidden_states,
+    unrotate_residual_stream,
 )
 from morphoquant.numerics.hadamard import hadamard_factor
 
@@ -26,6 +27,9 @@ def _check_rotation(model, sample, adapter, seed=1):
     h = unrotate_hidden_states(model, after.hidden_states[-1])
     assert torch.allclose(h[mask], before.hidden_states[-1][mask], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(after.hidden_states[-1][mask], before.hidden_states[-1][mask], atol=1e-3)
+    for h_rot, h_fp in zip(after.hidden_states[1:-1], before.hidden_states[1:-1]):   # block outputs, un-normed
+        h = unrotate_residual_stream(model, h_rot)
+        assert torch.allclose(h[mask], h_fp[mask], atol=1e-4 * float(h_fp.abs().max()), rtol=1e-4)
     return info
 
 
@@ -100,6 +104,8 @@ def test_whisper_rotation_leaves_the_fp_outputs_unchanged(perturb_norms):
     assert torch.allclose(after.logits[mask], before.logits[mask], atol=2e-5 * scale, rtol=1e-4)
     h = unrotate_hidden_states(model, after.decoder_hidden_states[-1])
     assert torch.allclose(h[mask], before.decoder_hidden_states[-1][mask], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="centred as well as rotated"):
+        unrotate_residual_stream(model, after.decoder_hidden_states[1])
     # the streams really are rotated (not the identity) and every LayerNorm is gone
     assert not torch.allclose(after.encoder_hidden_states[1], before.encoder_hidden_states[1], atol=1e-3)
     assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())

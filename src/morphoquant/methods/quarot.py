@@ -65,6 +65,7 @@ __all__ = [
     "rotatable_stacks",
     "rotate_model",
     "unrotate_hidden_states",
+    "unrotate_residual_stream",
 ]
 
 #: tower output projections that write into the decoder's residual stream (module-name suffixes)
@@ -484,6 +485,23 @@ def _rotate_encoder_decoder(model: nn.Module, stacks, seed: int, online_down_pro
     return {"stack": names[0] if len(names) == 1 else None, "stacks": names, "hidden": hidden,
             "residual_hadamard": r_dec.factor.kind, "seed": seed, "towers": [],
             "online_down_proj": online[0] if online else "off", "rotate_ov": rotate_ov, "layernorm_to_rmsnorm": True}
+
+
+def unrotate_residual_stream(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A rotated RMSNorm decoder's residual stream (any block's output, before the final norm) back in the
+    original basis: ``h Qᵀ``, exact because every writer of the stream was rotated by the same orthogonal ``Q``
+    (identity for a model that was not rotated). Refused for the LayerNorm encoder–decoder rotation, whose writers
+    also centre what they write, so its stream differs from the original by more than ``Q``."""
+    meta = getattr(model, "morphoquant_rotation", None)
+    if meta is None:
+        return hidden
+    if meta.get("layernorm_to_rmsnorm"):
+        raise ValueError("this model's LayerNorms were turned into RMSNorms by the rotation: its residual stream is "
+                         "centred as well as rotated and cannot be mapped back block by block; compare final "
+                         "hidden states with unrotate_hidden_states instead")
+    r = _Rot(meta["hidden"], meta["seed"], meta["max_block"])
+    r.signs = meta["signs"]
+    return r.inverse_rows(hidden.reshape(-1, hidden.shape[-1])).reshape(hidden.shape).to(hidden.dtype)
 
 
 def unrotate_hidden_states(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
