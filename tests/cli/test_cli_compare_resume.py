@@ -76,3 +76,17 @@ def test_a_finished_recipe_is_reused_unless_settings_change(tiny, tmp_path):
     assert tiny[-1].evaluated == 2
     assert cli.main(ARGS + ["-r", "rtn-w4a4", "--out", str(out), "--overwrite"]) == 0
     assert tiny[-1].evaluated == 2
+
+
+def test_a_reworded_description_does_not_re_run_a_finished_recipe(tiny, tmp_path):
+    out = tmp_path / "cmp"
+    rec = tmp_path / "mine.yaml"
+    rec.write_text("name: mine\nbase: rtn-w4a4\ndescription: first wording\n")
+    assert cli.main(ARGS + ["-r", str(rec), "--out", str(out)]) == 0
+    assert tiny[-1].evaluated == 2                      # FP + mine
+    rec.write_text("name: mine\nbase: rtn-w4a4\ndescription: second wording\n")
+    assert cli.main(ARGS + ["-r", str(rec), "--out", str(out)]) == 0
+    assert tiny[-1].evaluated == 1                      # FP only: the row is reused
+    rec.write_text("name: mine\nbase: rtn-w4a4\ndescription: second wording\nweights: {bits: 8}\n")
+    assert cli.main(ARGS + ["-r", str(rec), "--out", str(out)]) == 0
+    assert tiny[-1].evaluated == 2                      # a setting changed: re-run

@@ -240,6 +240,19 @@ def _recipe_failures() -> tuple:
     return (RecipeError, UnsupportedRotationError, FoldVerificationError, NonFiniteActivationError, QuantConfigError)
 
 
+def _settings(recipe_yaml: str):
+    """A resolved recipe's settings: everything but its description, which is prose (rewording a recipe's
+    description must not re-run hours of finished rows)."""
+    import yaml
+    try:
+        d = yaml.safe_load(recipe_yaml)
+    except yaml.YAMLError:
+        return None
+    if isinstance(d, dict):
+        d.pop("description", None)
+    return d
+
+
 def _finished_row(out: Path, model_ref: str, recipe, task) -> dict | None:
     """The table row of an earlier finished run in ``out`` of the same model, the same recipe (every setting,
     calibration included) and the same evaluation task; None when anything differs or a file is missing."""
@@ -250,8 +263,8 @@ def _finished_row(out: Path, model_ref: str, recipe, task) -> dict | None:
     except (OSError, ValueError):
         return None
     task_now = json.loads(json.dumps(task.describe(), default=str))
-    if (run.get("model"), run.get("recipe")) != (model_ref, recipe.name) or saved != recipe.to_yaml() \
-            or rep.get("task") != task_now:
+    if (run.get("model"), run.get("recipe")) != (model_ref, recipe.name) \
+            or _settings(saved) != _settings(recipe.to_yaml()) or rep.get("task") != task_now:
         return None
     row = rep.get("row") or {}
     return dict(row) if row.get(task.metric) is not None else None
