@@ -35,7 +35,9 @@ from morphoquant.zoo import load_model
 
 def block_outputs(model, samples) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
     """Per sample: every decoder block's output (residual stream, original basis) and the logits."""
-    stack = next(s for s in get_adapter(model).stacks() if s.name == "text")
+    stack = next((s for s in get_adapter(model).stacks() if s.name == "text"), None)
+    if stack is None:
+        raise SystemExit(f"drift.py measures decoder-only language models; {type(model).__name__} has no text stack")
     seen: list[torch.Tensor] = []
     hooks = [b.register_forward_hook(lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
              for b in stack.blocks]

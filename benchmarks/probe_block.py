@@ -6,8 +6,9 @@ pipeline's mean per-token relative error ``mean_n ‖ŷ_n − y_n‖ / ‖y_n‖
 
 ``--held-out N`` also measures that error, with the same function, on N held-out windows (seed 1) and again on the
 calibration windows: a static activation range or clip fitted to the calibration tokens shows as a gap between the
-two, a dynamic per-token format does not; the windows' first tokens (massive activations) are also reported alone. Not for recipes that rotate the residual stream (QuaRot, MQuant-style),
-whose block expects rotated inputs.
+two, a dynamic per-token format does not; the windows' first tokens (massive activations) are also reported
+alone. Not for recipes that rotate the residual stream (QuaRot, MQuant-style): the probe rotates the probed block
+only, so its inputs are not those of the rotated model; such rows are marked as not comparable.
 
 usage: python benchmarks/probe_block.py MODEL BLOCK "RECIPE[,key=value...];RECIPE..." [--windows 8] [--held-out N]
 e.g.   python benchmarks/probe_block.py smollm2-135m 5 "rtn-w4a4-static;morpho;morpho,options.lambda_cos=0"
@@ -94,7 +95,11 @@ def main() -> None:
         with torch.no_grad():
             rec = LayerwiseRunner(m, stacks, load_recipe(name, over), samples, progress=False).run().records[0]
         line = f"{v}: block {a.block} error {rec.rel_error['all']:.4f}  ({rec.seconds:.0f} s)"
-        if a.held_out:
+        if getattr(m, "morphoquant_rotation", None) is not None:
+            # the rotation pass sees only this block's stack: earlier blocks stay unrotated, so its inputs are not
+            # the ones the fully rotated model gives it
+            line += "  (not comparable: the recipe rotates the residual stream, the probe cannot)"
+        elif a.held_out:
             q_block = m.model.layers[a.block]
             for k, x in inputs.items():
                 mean, first = token_error(fp_block, q_block, x)
