@@ -11,7 +11,7 @@ is what each block adds given its already-quantized inputs; drift is what the mo
 plus how the earlier errors grow or cancel downstream. Two recipes with the same per-block errors can drift apart.
 
 usage: python benchmarks/drift.py MODEL RECIPE [RECIPE ...] [--calib 16] [--seq-len 512] [--windows 4]
-                                  [--resume DIR] [--json FILE]
+                                  [--resume DIR] [--json FILE] [--threads 1]
        RECIPE is a built-in name or a YAML path; --resume DIR keeps a per-block checkpoint per recipe (DIR/NAME),
        so an interrupted run resumes.
 """
@@ -82,7 +82,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4, help="held-out windows")
     ap.add_argument("--resume", type=Path)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
     model.eval()
     task = TextLMTask(tok)
