@@ -47,7 +47,8 @@ def block_outputs(model, samples) -> tuple[list[list[torch.Tensor]], list[torch.
             for smp in samples:
                 seen.clear()
                 out = model(**smp, use_cache=False)
-                states.append([unrotate_residual_stream(model, h.float()) for h in seen])
+                # one inverse rotation for all blocks of the sample (it rebuilds the Hadamard factor per call)
+                states.append(list(unrotate_residual_stream(model, torch.stack(seen).float())))
                 logits.append(out.logits.float())
     finally:
         for h in hooks:

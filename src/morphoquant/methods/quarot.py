@@ -499,9 +499,15 @@ def unrotate_residual_stream(model: nn.Module, hidden: torch.Tensor) -> torch.Te
         raise ValueError("this model's LayerNorms were turned into RMSNorms by the rotation: its residual stream is "
                          "centred as well as rotated and cannot be mapped back block by block; compare final "
                          "hidden states with unrotate_hidden_states instead")
+    return _stored_rotation(meta).inverse_rows(hidden.reshape(-1, hidden.shape[-1])).reshape(hidden.shape) \
+        .to(hidden.dtype)
+
+
+def _stored_rotation(meta: dict) -> _Rot:
+    """The residual-stream rotation a rotated model recorded in ``morphoquant_rotation``."""
     r = _Rot(meta["hidden"], meta["seed"], meta["max_block"])
     r.signs = meta["signs"]
-    return r.inverse_rows(hidden.reshape(-1, hidden.shape[-1])).reshape(hidden.shape).to(hidden.dtype)
+    return r
 
 
 def unrotate_hidden_states(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -510,9 +516,7 @@ def unrotate_hidden_states(model: nn.Module, hidden: torch.Tensor) -> torch.Tens
     meta = getattr(model, "morphoquant_rotation", None)
     if meta is None:
         return hidden
-    r = _Rot(meta["hidden"], meta["seed"], meta["max_block"])
-    r.signs = meta["signs"]
-    out = r.inverse_rows(hidden.reshape(-1, hidden.shape[-1])) * meta["final_norm_weight"]
+    out = _stored_rotation(meta).inverse_rows(hidden.reshape(-1, hidden.shape[-1])) * meta["final_norm_weight"]
     if meta.get("final_norm_bias") is not None:            # a LayerNorm's β (encoder-decoder rotation)
         out = out + meta["final_norm_bias"]
     return out.reshape(hidden.shape).to(hidden.dtype)
