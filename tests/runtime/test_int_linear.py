@@ -226,3 +226,13 @@ def test_rotated_model_keeps_its_online_hadamard_through_a_checkpoint_and_the_in
     _exact_reference(model)
     with torch.no_grad():
         assert torch.equal(model(**sample).logits, integer(**sample).logits)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 1, 3), (37, 1, 19), (17, 2, 8), (64, 3, 24)])
+def test_int_mm_is_exact_for_tiny_reductions(m, k, n):
+    """A reduction of one channel (a last weight group of size 1) is exact too: torch's CPU ``_int_mm``
+    alone returns garbage for K = 1 on some processors, ``int_mm`` pads it."""
+    g = torch.Generator().manual_seed(m * 100 + k)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    assert torch.equal(int_mm(a, w.T), (a.long() @ w.T.long()).int())

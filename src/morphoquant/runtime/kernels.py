@@ -36,7 +36,9 @@ _PAIR = 32767
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a[M, K] @ b[K, N]`` for int8 inputs → int32 with ``torch._int_mm``; pads to the CUDA constraints
-    (M > 16, K and N multiples of 8) when running on CUDA."""
+    (M > 16, K and N multiples of 8) when running on CUDA. On CPU, ``K = 1`` (e.g. a last weight group of one
+    channel) is padded to ``K = 2`` with a zero column: torch 2.13's CPU ``_int_mm`` returns garbage for
+    ``K = 1, N > 1`` on AMX processors (Sapphire Rapids; measured, every M); zeros add nothing to the sums."""
     m, k = a.shape
     n = b.shape[1]
     if a.is_cuda:
@@ -45,6 +47,9 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             a = torch.nn.functional.pad(a, (0, pk, 0, pm))
             b = torch.nn.functional.pad(b, (0, pn, 0, pk))
             return torch._int_mm(a, b)[:m, :n]
+    elif k == 1:
+        a = torch.nn.functional.pad(a, (0, 1))
+        b = torch.nn.functional.pad(b, (0, 0, 0, 1))
     return torch._int_mm(a, b)
 
 
