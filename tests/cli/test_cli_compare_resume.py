@@ -90,3 +90,18 @@ def test_a_reworded_description_does_not_re_run_a_finished_recipe(tiny, tmp_path
     rec.write_text("name: mine\nbase: rtn-w4a4\ndescription: second wording\nweights: {bits: 8}\n")
     assert cli.main(ARGS + ["-r", str(rec), "--out", str(out)]) == 0
     assert tiny[-1].evaluated == 2                      # a setting changed: re-run
+
+
+def test_a_setting_added_to_the_schema_since_a_row_ran_does_not_re_run_it(tiny, tmp_path):
+    """A row saved before a new recipe setting existed (its recipe.yaml lacks the key) is reused while the
+    setting keeps its default; choosing another value re-runs it."""
+    out = tmp_path / "cmp"
+    assert cli.main(ARGS + ["-r", "rtn-w4a4", "--out", str(out)]) == 0
+    saved = out / "rtn-w4a4" / "recipe.yaml"
+    text = saved.read_text()
+    assert "group_order: natural" in text
+    saved.write_text(text.replace("  group_order: natural\n", ""))       # as written before the setting existed
+    assert cli.main(ARGS + ["-r", "rtn-w4a4", "--out", str(out)]) == 0
+    assert tiny[-1].evaluated == 1                      # FP only: the row is reused
+    assert cli.main(ARGS + ["-r", "rtn-w4a4", "--set", "weights.group_order=act_scale", "--out", str(out)]) == 0
+    assert tiny[-1].evaluated == 2                      # a setting changed: re-run

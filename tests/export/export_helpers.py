@@ -21,6 +21,8 @@ SCHEMES = {
     "w8a16-asym-channel": (QuantSpec(8, False, "channel"), None, "none", False),
     "morpho-dense": (W4G, ActivationConfig(QuantSpec(4, False, "channel"), False), "dense", False),
     "morpho-sparse": (W4G, ActivationConfig(QuantSpec(4, False, "channel"), False), "sparse", False),
+    "morpho-sorted-groups": (QuantSpec(4, True, "group", 32, group_order="act_scale"),
+                             ActivationConfig(QuantSpec(4, False, "channel"), False), "dense", False),
     "morpho-dynamic-clip": (W4G, A4T, "dense", True),
     "partial-groups": (QuantSpec(4, True, "group", 24), A4T, "none", False),
     "nf4-a8": (QuantSpec(4, True, "group", 32, fmt="nf4"), ActivationConfig(QuantSpec(8, True, "token")), "none",

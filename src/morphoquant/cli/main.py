@@ -242,13 +242,21 @@ def _recipe_failures() -> tuple:
 
 def _settings(recipe_yaml: str):
     """A resolved recipe's settings: everything but its description, which is prose (rewording a recipe's
-    description must not re-run hours of finished rows)."""
+    description must not re-run hours of finished rows). The saved YAML is validated again first, so a setting
+    added to the recipe schema since the row ran takes its default (which keeps the earlier behaviour) instead
+    of making every finished row look different."""
     import yaml
+
+    from ..pipeline.recipe import Recipe
     try:
         d = yaml.safe_load(recipe_yaml)
     except yaml.YAMLError:
         return None
     if isinstance(d, dict):
+        try:
+            d = Recipe.model_validate(d).model_dump(mode="json")
+        except ValueError:
+            pass            # not a valid recipe any more: compared as written, so it never matches a valid one
         d.pop("description", None)
     return d
 

@@ -23,6 +23,10 @@ tensor                                 dtype    meaning
 ``m.morphoquant.outlier_idx``          int64    ``[k]`` DABC outlier channels (when k > 0)
 ``m.morphoquant.outlier_threshold``    float32  ``[k]`` sparse-DABC thresholds
 ``m.morphoquant.modality_scale``       float32  ``[M+1]`` per-modality range multipliers (row modality from context)
+``m.morphoquant.input_perm``           int64    ``[K]`` scale-sorted weight groups (``group_order: act_scale``): the
+                                                stored order of the input channels; every ``[K]`` tensor above,
+                                                the weight columns and ``outlier_idx`` are in that order, and the
+                                                runtime gathers ``x[:, input_perm]`` before quantizing
 =====================================  =======  ================================================================
 
 Signed convention: compressed-tensors stores every integer code and zero point in the signed range
@@ -62,6 +66,8 @@ def _weight_dict(spec: QuantSpec) -> dict:
          "group_size": spec.group_size if spec.granularity == "group" else None}
     if spec.full_range:       # how the scales were chosen; dequantization (s · q) does not depend on it
         d["full_range"] = True
+    if spec.group_order != "natural":
+        d["group_order"] = spec.group_order
     return d
 
 
@@ -103,6 +109,8 @@ def nonstandard_reasons(q: QuantLinear) -> list[str]:
         out.append(f"DABC ({q.dabc}, {q.outlier_idx.numel()} outlier channels)")
     if _online_hadamard(q):
         out.append("an online Hadamard rotation of the input (QuaRot)")
+    if q.permuted:
+        out.append("weight groups over scale-sorted input channels (input_perm)")
     return out
 
 
@@ -129,7 +137,8 @@ def record_to_configs(rec: dict) -> tuple[QuantSpec, ActivationConfig | None]:
         w = rec["weights"]
         spec = QuantSpec(int(w["num_bits"]), bool(w["symmetric"]), w["strategy"],
                          w["group_size"] if w["strategy"] == "group" else None, w["type"],
-                         full_range=bool(w.get("full_range", False)))
+                         full_range=bool(w.get("full_range", False)),
+                         group_order=w.get("group_order", "natural"))
         a = rec["input_activations"]
         act = None if a is None else ActivationConfig(
             QuantSpec(int(a["num_bits"]), bool(a["symmetric"]), a["strategy"]), bool(a["dynamic"]))
@@ -226,6 +235,8 @@ def encode_module(name: str, q: QuantLinear) -> dict[str, torch.Tensor]:
             out[x + "outlier_threshold"] = q.outlier_threshold.detach().float().contiguous()
     if _online_hadamard(q):     # the dense factor of H = H_block ⊗ Sylvester (numerics.hadamard)
         out[x + "hadamard_block"] = q.hadamard_block.detach().float().contiguous()
+    if q.permuted:
+        out[x + "input_perm"] = q.input_perm.detach().to(torch.int64).contiguous()
     return out
 
 
@@ -356,6 +367,12 @@ def decode_module(name: str, rec: dict, take: Callable[[str], torch.Tensor | Non
             q.outlier_threshold = thr.clone()
     elif n_out:
         raise ConfigMismatchError(f"module {name}: {n_out} outlier channels recorded but DABC is 'none'")
+    perm = take(x + "input_perm")
+    if perm is not None:
+        shape_check(x + "input_perm", perm, [k], torch.int64)
+        if not torch.equal(torch.sort(perm).values, torch.arange(k)):
+            raise ConfigMismatchError(f"module {name}: input_perm is not a permutation of 0..{k - 1}")
+        q.input_perm = perm.clone()
     return q
 
 

@@ -28,6 +28,13 @@ fallback): a token row of modality ``m`` uses the range ``t_m`` times the layer'
 ``x_q = clamp(round(x / (t_m s)) + z)`` with ``y = t_m · W'_q (x_q − z) + b`` (a per-row scale in the GEMM epilogue,
 like a per-token scale, so one folded weight still serves every modality); dynamic per-token: the clip becomes
 ``±t_m α_c``. The row modalities come from :func:`morphoquant.statistics.modality_context`.
+
+**Scale-sorted weight groups** (``weight_spec.group_order == "act_scale"`` with static per-channel scales): with
+``π = argsort(s)`` the layer computes ``y = W'_q[:, π] x_q[π]`` — the same sum over the reduction axis in another
+order — and stores every per-input-channel quantity in the order ``π`` (``weight_codes`` columns, ``act_scale``,
+``act_zero``, ``act_clip``; ``outlier_idx`` holds permuted positions), so the weight groups of ``group_size``
+consecutive stored columns hold channels of like scale. ``input_perm`` = ``π`` (empty: identity); the forward
+gathers ``x[:, π]`` first.
 """
 from __future__ import annotations
 
@@ -70,7 +77,8 @@ class QuantLinear(nn.Module):
 
     Buffers (all saved in the state dict): ``weight_codes`` (integer codes of W or of the folded W'),
     ``weight_scale``, ``weight_zero``, ``act_scale``/``act_zero`` (static quantizers), ``act_clip`` (per-channel
-    clip α before dynamic per-token scaling; +inf = none), ``outlier_idx`` and ``outlier_threshold`` (DABC).
+    clip α before dynamic per-token scaling; +inf = none), ``outlier_idx`` and ``outlier_threshold`` (DABC),
+    ``input_perm`` (the stored order of the input channels; empty = natural).
     """
 
     def __init__(self, in_features: int, out_features: int, weight_spec: QuantSpec,
@@ -90,6 +98,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("outlier_idx", torch.zeros(0, dtype=torch.long))
         self.register_buffer("outlier_threshold", torch.zeros(0))
         self.register_buffer("modality_scale", torch.zeros(0))
+        self.register_buffer("input_perm", torch.zeros(0, dtype=torch.long))
         self._w_deq: torch.Tensor | None = None
         # running counters of the 16-bit path (for the effective-bits report)
         self.bypass_elements = 0
@@ -141,12 +150,48 @@ class QuantLinear(nn.Module):
         if modality_scale is not None:
             q.set_modality_scale(modality_scale)
         fold = q.act_scale if (act is not None and act.folded) else None
+        perm = None
+        if weight_spec.group_order == "act_scale" and fold is not None:
+            perm = torch.argsort(fold, stable=True)
+            q._permute_inputs(perm)
+            w, fold = w[:, perm], q.act_scale
         if weight_quantizer is None:
             qt = quantize_weight(w, weight_spec)
-        else:
+        elif perm is None:
             qt = weight_quantizer(w, fold)
+        else:       # the quantizer sees the permuted columns; a Hessian-bound one permutes its Hessian
+            qt = weight_quantizer(w, fold, perm)
         q.weight_codes, q.weight_scale, q.weight_zero = qt.codes, qt.scale.float(), qt.zero_point.float()
         return q
+
+    def _permute_inputs(self, perm: torch.Tensor) -> None:
+        """Store the per-input-channel quantities in the order ``perm`` (``outlier_idx`` → permuted positions)."""
+        inv = torch.argsort(perm)
+        self.input_perm = perm.clone()
+        if self.act_scale.numel() == self.in_features:
+            self.act_scale, self.act_zero = self.act_scale[perm].clone(), self.act_zero[perm].clone()
+        self.act_clip = self.act_clip[perm].clone()
+        if self.outlier_idx.numel():
+            self.outlier_idx = inv[self.outlier_idx]
+
+    @property
+    def permuted(self) -> bool:
+        """True when the input channels are stored in a permuted order (``input_perm``)."""
+        return self.input_perm.numel() > 0
+
+    def natural_order(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor whose last axis runs over the stored input channels, back in the natural order."""
+        if not self.permuted:
+            return t
+        return t[..., torch.argsort(self.input_perm)]
+
+    def effective_weight(self) -> torch.Tensor:
+        """fp32 ``Ŵ`` in the units and channel order of the layer's input ``x``: ``y = x Ŵᵀ`` up to activation
+        quantization (``W'_q diag(1/s)`` when activations are per channel, columns in the natural order)."""
+        w = self.dequantized_weight
+        if self.act is not None and self.act.folded:
+            w = w / self.act_scale.reshape(1, -1)
+        return self.natural_order(w)
 
     def set_modality_scale(self, t: torch.Tensor) -> None:
         """Install per-modality range multipliers ``t[M+1]`` (positive; last entry = pooled fallback)."""
@@ -271,6 +316,8 @@ class QuantLinear(nn.Module):
         product of :func:`integer_linear`, bit-identical to the runtime."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
+        if self.permuted:
+            x2 = x2[:, self.input_perm]
         if self.act is None:
             y = x2 @ self.dequantized_weight.T
             if self.bias is not None:
@@ -312,7 +359,8 @@ class QuantLinear(nn.Module):
         if self.weight_spec.fmt != "int":
             w += f"-{self.weight_spec.fmt}"
         d = f", dabc={self.dabc}[{self.outlier_idx.numel()}]" if self.dabc != "none" else ""
-        return f"in={self.in_features}, out={self.out_features}, {w}, {a}{d}"
+        p = ", groups over scale-sorted channels" if self.permuted else ""
+        return f"in={self.in_features}, out={self.out_features}, {w}, {a}{d}{p}"
 
 
 def has_modality_quantizers(model: nn.Module) -> bool:

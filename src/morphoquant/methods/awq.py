@@ -113,8 +113,9 @@ class AWQ(ChannelScalingMethod):
         x = data.x
         spec = ctx.weight_spec
 
-        def quantizer(w, fold):        # fold relates the folded weight's input to the original x: x / fold
-            xs = x if fold is None else x / fold.reshape(1, -1)
+        def quantizer(w, fold, perm=None):   # fold relates the folded weight's input to x: x / fold
+            xs = x if perm is None else x[:, perm]          # w and fold come in the layer's stored order
+            xs = xs if fold is None else xs / fold.reshape(1, -1)
             r = clip_search(w, xs, spec, o.clip_grid, o.clip_min)
             ctx.report.setdefault(name, {})["clip_mean"] = float(r.mean())
             return quantize_weight(w, spec, r)

@@ -454,17 +454,17 @@ def make_quant_linear(ctx: BlockContext, name: str, lin: nn.Linear, t: ConsumerT
     if base is not None and t is not None:
         s = t.scale
 
-        def wq(w, f, _b=base, _s=s):
-            return _b(w, _s if f is None else _s * f)
+        def wq(w, f, perm=None, _b=base, _s=s):
+            ss = _s if perm is None else _s[perm]          # f (and w) come in the layer's stored order
+            ss = ss if f is None else ss * f
+            return _b(w, ss) if perm is None else _b(w, ss, perm)
     cls = InputTransformQuantLinear if (t is not None and t.explicit) else QuantLinear
     q = cls.from_linear(lin, ctx.weight_spec, ctx.act, act_range=act_range, weight_quantizer=wq)
     if t is not None and t.explicit:
         q.set_input_transform(t.explicit_shift, t.explicit_scale)
     if t is not None and t.shift is not None:
         zu = t.shift / t.scale
-        w_eff = q.dequantized_weight
-        if ctx.act is not None and ctx.act.folded:
-            w_eff = w_eff / q.act_scale.reshape(1, -1)
+        w_eff = q.effective_weight()
         bias = torch.zeros(lin.out_features) if t.orig_bias is None else t.orig_bias
         q.bias = (bias + w_eff @ zu.float()).float()
     return q
@@ -497,16 +497,17 @@ def simulate_linear(lin: nn.Linear, w: torch.Tensor, x: torch.Tensor, spec: Quan
         return y
     wq = None
     if clip_ratio is not None:
-        def wq(ww, f):
+        def wq(ww, f, perm=None):
+            r = torch.as_tensor(clip_ratio)
+            if perm is not None and r.numel() not in (1, r.shape[0]):
+                raise ValueError("a per-group clip ratio needs the natural weight groups; use "
+                                 "weights.group_order: natural with this search")
             return quantize_weight(ww, spec, clip_ratio)
     q = QuantLinear.from_linear(lin, spec, a, act_range=act_range if a is not None else None, weight=w,
                                 weight_quantizer=wq)
     y = q(x)
     if shift_units is not None:
-        w_eff = q.dequantized_weight
-        if a is not None and a.folded:
-            w_eff = w_eff / q.act_scale.reshape(1, -1)
-        y = y + shift_units.float() @ w_eff.T
+        y = y + shift_units.float() @ q.effective_weight().T
     return y
 
 

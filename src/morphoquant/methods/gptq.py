@@ -41,7 +41,7 @@ from ..numerics import QuantizedTensor, QuantSpec, dequantize, quantize, range_q
 from ..statistics.collector import ActivationCollector, HessianObserver
 from .base import BlockContext, Method, MethodOptions, register
 
-__all__ = ["GPTQ", "GPTQOptions", "gptq_quantize", "hessian_of", "inverse_hessian_factor"]
+__all__ = ["GPTQ", "GPTQOptions", "folded_hessian", "gptq_quantize", "hessian_of", "inverse_hessian_factor"]
 
 
 def hessian_of(x: torch.Tensor) -> torch.Tensor:
@@ -207,10 +207,21 @@ class GPTQ(Method):
 
 
 def _bound_quantizer(h: torch.Tensor, spec: QuantSpec, damp: float, block_size: int, act_order: bool):
-    def quantizer(w, fold_scale):
-        hh = h if fold_scale is None else h / fold_scale.reshape(-1, 1) / fold_scale.reshape(1, -1)
-        return gptq_quantize(w, hh, spec, damp=damp, block_size=block_size, act_order=act_order)
+    def quantizer(w, fold_scale, perm=None):
+        return gptq_quantize(w, folded_hessian(h, fold_scale, perm), spec, damp=damp, block_size=block_size,
+                             act_order=act_order)
     return quantizer
+
+
+def folded_hessian(h: torch.Tensor, fold_scale: torch.Tensor | None, perm: torch.Tensor | None) -> torch.Tensor:
+    """The Hessian of the GEMM input a weight quantizer sees: ``H`` of ``x`` in the natural channel order,
+    ``P H Pᵀ`` when the layer stores its channels in the order ``perm``, then ``diag(1/s) · diag(1/s)`` for the
+    folded input ``x / s`` (``fold_scale`` already in the stored order)."""
+    if perm is not None:
+        h = h[perm][:, perm]
+    if fold_scale is not None:
+        h = h / fold_scale.reshape(-1, 1) / fold_scale.reshape(1, -1)
+    return h
 
 
 def collect_hessians(ctx: BlockContext, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ import torch
 Granularity = Literal["tensor", "channel", "group", "token"]
 Role = Literal["weight", "activation"]
 NumberFormat = Literal["int", "nf4", "fp4"]
+GroupOrder = Literal["natural", "act_scale"]
 
 # Scales below this are replaced by it: an all-zero row/channel must not produce inf/NaN.
 MIN_SCALE = 1e-8
@@ -69,6 +70,16 @@ class QuantSpec:
     ``s·[q_min, q_max]`` then spans ``[−amax − ½s, amax − ½s]``, ±amax lie on rounding boundaries, the step is
     finer (by 7 % at 4 bits) and values near +amax are clipped by at most half a step — in effect a mild clip
     of the range. false: ``s = amax / q_max`` (nothing clipped, the code ``q_min`` never used)."""
+    group_order: GroupOrder = "natural"
+    """Which input channels share a weight group. ``natural``: ``group_size`` consecutive channels.
+    ``act_scale`` (weights of a layer with static per-input-channel activation scales ``s`` only): the groups
+    are formed over the channels sorted by ``s``, i.e. over the columns of ``W diag(s)`` permuted by
+    ``π = argsort(s)``. Folding ``s`` makes the column magnitudes of ``W diag(s)`` follow ``s``; sorting puts
+    columns of like magnitude into one group, so a group's step is not set by one large-scale column. The
+    GEMM's reduction axis is permuted for both operands, ``Σ_c x_c w_c = Σ_j x_π(j) w_π(j)``, so the integer
+    result is the same sum; the layer stores its weights, scales and outlier indices in the permuted order and
+    gathers ``x[:, π]`` before quantizing (the ``g_idx`` of GPTQ act-order checkpoints). Applied by
+    :class:`morphoquant.layers.QuantLinear`; the functions of this module always group consecutive channels."""
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -82,6 +93,11 @@ class QuantSpec:
             raise QuantConfigError(f"unknown number format {self.fmt!r}; use int, nf4 or fp4")
         if self.fmt != "int" and (self.bits != 4 or not self.symmetric):
             raise QuantConfigError(f"{self.fmt} is a symmetric 4-bit code book: set bits=4, symmetric=true")
+        if self.group_order not in ("natural", "act_scale"):
+            raise QuantConfigError(f"unknown group_order {self.group_order!r}; use natural or act_scale")
+        if self.group_order != "natural" and self.granularity != "group":
+            raise QuantConfigError(f"group_order {self.group_order!r} forms weight groups: it needs granularity "
+                                   f"'group' (got {self.granularity!r}); drop it or set granularity: group")
         if self.full_range and (self.fmt != "int" or not self.symmetric):
             raise QuantConfigError("full_range applies to symmetric int formats only: drop it or set "
                                    "symmetric=true, format=int")

@@ -40,6 +40,10 @@ class WeightArgs(_Strict):
     """Symmetric int weights: scale ``amax / (q_max + ½)`` (as compressed-tensors/llm-compressor do; a 7 % finer
     step at 4 bits, values near +amax clipped by at most half a step) instead of ``amax / q_max``.
     Dequantization is unchanged (``s · q``), so checkpoints and kernels are the same."""
+    group_order: Literal["natural", "act_scale"] = "natural"
+    """``act_scale``: with static per-input-channel activation scales (folded into the weight), form the weight
+    groups over the input channels sorted by that scale (a permutation of the GEMM's reduction axis, the same
+    integer sums; see :class:`morphoquant.numerics.QuantSpec`). No effect on layers without such scales."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -52,7 +56,7 @@ class WeightArgs(_Strict):
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.symmetric, self.granularity,
                          self.group_size if self.granularity == "group" else None, self.format,
-                         full_range=self.full_range)
+                         full_range=self.full_range, group_order=self.group_order)
 
 
 class ActivationArgs(_Strict):
@@ -204,7 +208,7 @@ def with_format(data: dict, fmt: str, source: str = "<recipe>") -> dict:
     out = dict(data)
     w = dict(out.get("weights") or {})
     if w_bits == 8:
-        w.update(bits=8, granularity="channel", group_size=None, format="int")
+        w.update(bits=8, granularity="channel", group_size=None, format="int", group_order="natural")
     elif int(w.get("bits", 4)) != 4:
         w = {"bits": 4, "symmetric": True, "granularity": "group", "group_size": 64}
     a = dict(out.get("activations") or {})

@@ -466,15 +466,15 @@ class LayerwiseRunner:
         """GPTQ weight quantizers bound to each linear's Hessian (empty for round-to-nearest)."""
         if collector.hessian is None:
             return {}
-        from ..methods.gptq import gptq_quantize
+        from ..methods.gptq import folded_hessian, gptq_quantize
         g = self.recipe.gptq
 
         def make(name):
             h = collector.hessian.hessian(name)
 
-            def quantizer(w, fold_scale):
-                hh = h if fold_scale is None else h / fold_scale.reshape(-1, 1) / fold_scale.reshape(1, -1)
-                return gptq_quantize(w, hh, spec, damp=g.damp, block_size=g.block_size, act_order=g.act_order)
+            def quantizer(w, fold_scale, perm=None):
+                return gptq_quantize(w, folded_hessian(h, fold_scale, perm), spec, damp=g.damp,
+                                     block_size=g.block_size, act_order=g.act_order)
             return quantizer
         return {name: make(name) for name in linears}
 

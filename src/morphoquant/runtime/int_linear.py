@@ -65,6 +65,9 @@ class IntegerLinear(nn.Module):
         self.in_features, self.out_features = q.in_features, q.out_features
         # a rotated layer (QuaRot's HadamardQuantLinear) quantizes x H, not x: the rotation stays, in floating point
         self.hadamard = q.hadamard() if callable(getattr(q, "hadamard", None)) else None
+        # scale-sorted weight groups: the layer's operands are stored in the order input_perm (QuantLinear)
+        self.register_buffer("input_perm", q.input_perm.detach().clone() if q.permuted else None,
+                             persistent=False)
         self.act, self.weight_spec, self.dabc = q.act, q.weight_spec, q.dabc
         spec = q.act.spec
         self.qmin, self.qmax = spec.qmin, spec.qmax
@@ -245,7 +248,10 @@ class IntegerLinear(nn.Module):
         return y
 
     def _rotated(self, x2: torch.Tensor) -> torch.Tensor:
-        return x2 if self.hadamard is None else hadamard_transform(x2, self.hadamard)
+        """The GEMM's input: ``x H`` for an online-rotated layer, gathered into the stored channel order."""
+        if self.hadamard is not None:
+            x2 = hadamard_transform(x2, self.hadamard)
+        return x2 if self.input_perm is None else x2[:, self.input_perm]
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same output through :func:`integer_linear` with ``matmul`` = ``torch._int_mm`` (slow, simple)."""
