@@ -50,3 +50,13 @@ def test_reference_gptq_grid_variant_changes_only_the_clip_search():
     a, b = MorphoOptions(**base.options).model_dump(), MorphoOptions(**r.options).model_dump()
     assert {k for k in a if a[k] != b[k]} == {"grid_points", "grid_low", "grid_spacing", "accumulate"}
     assert (b["grid_low"], b["grid_points"], b["grid_spacing"], b["accumulate"]) == (0.3, 30, "linear", "sum")
+
+
+def test_sorted_groups_table_recipe_changes_only_the_group_order():
+    table = ABL.parent / "table"
+    base = load_recipe(table / "morpho-reference-gptq-hadamard.yaml")
+    r = load_recipe(table / "morpho-reference-gptq-hadamard-sorted.yaml")
+    assert r.options == base.options and r.activations == base.activations and r.weight_method == "gptq"
+    assert (base.weights.group_order, r.weights.group_order) == ("natural", "act_scale")
+    assert r.weights.model_dump(exclude={"group_order"}) == base.weights.model_dump(exclude={"group_order"})
+    assert load_recipe(f"{table / 'morpho-reference-gptq-hadamard-sorted.yaml'}@w8a8").weights.group_order == "natural"
