@@ -29,3 +29,21 @@ def test_task_specific_size_wins():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(TaskError, match="no built-in calibration/evaluation task for BertModel"):
         task_for(_named("BertModel"), None)
+
+
+def test_text_task_reports_every_windows_nll(monkeypatch):
+    """The perplexity is exp of the mean of the per-window NLLs it reports (for paired comparisons)."""
+    import math
+
+    import torch
+
+    from morphoquant import data
+    from morphoquant.models.tiny import tiny_model
+    model, _ = tiny_model("llama")
+    vocab = model.config.vocab_size
+    windows = torch.randint(0, vocab, (3, 16), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(data, "evaluation_windows", lambda tok, seq_len, n: windows[:n])
+    m = TextLMTask(None, eval_windows=3, seq_len=16, batch=2).evaluate(model)
+    nll = m["wiki_nll_per_window"]
+    assert len(nll) == 3 and len(set(nll)) == 3
+    assert math.isclose(math.exp(sum(nll) / 3), m["wiki_ppl"], rel_tol=1e-9)

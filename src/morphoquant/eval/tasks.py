@@ -67,7 +67,9 @@ class TextLMTask(Task):
         with modality_context(torch.tensor([0])):     # every token is text (modality-specific layers need it)
             res = evaluate_perplexity(model, w, batch_size=self.batch, progress=progress)
         lo, hi = res.confidence_interval()
-        return {"wiki_ppl": res.ppl, "wiki_ppl_ci95": [lo, hi], "eval_tokens": res.tokens}
+        # each window's mean token NLL (nats): two rows on the same windows compare pairwise, window by window
+        return {"wiki_ppl": res.ppl, "wiki_ppl_ci95": [lo, hi], "eval_tokens": res.tokens,
+                "wiki_nll_per_window": [float(v) for v in res.nll_per_window]}
 
 
 def _sentences(split: str, n: int, min_words: int = 5, max_words: int = 18) -> list[str]:
