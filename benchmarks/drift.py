@@ -10,7 +10,7 @@ mean per-token ``KL(P_FP ‖ P_Q)`` of the next-token distributions. The pipelin
 is what each block adds given its already-quantized inputs; drift is what the model carries — those additions
 plus how the earlier errors grow or cancel downstream. Two recipes with the same per-block errors can drift apart.
 
-usage: python benchmarks/drift.py MODEL RECIPE [RECIPE ...] [--calib 16] [--seq-len 512] [--windows 4]
+usage: python benchmarks/drift.py MODEL RECIPE [RECIPE ...] [--calib 16] [--seq-len 512] [--windows 4] [--eval-windows 8]
                                   [--resume DIR] [--json FILE] [--threads 1]
        RECIPE is a built-in name or a YAML path; --resume DIR keeps a per-block checkpoint per recipe (DIR/NAME),
        so an interrupted run resumes.
@@ -74,6 +74,12 @@ def drift(fp, q) -> dict:
     return {"drift": per_block, "kl": kl / num_tokens}
 
 
+def window_nll(model, windows: torch.Tensor) -> list[float]:
+    """Each evaluation window's mean next-token NLL (nats), as the table's perplexity computes it."""
+    from morphoquant.eval.perplexity import evaluate_perplexity
+    return [float(v) for v in evaluate_perplexity(model, windows, batch_size=4, progress=False).nll_per_window]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -84,6 +90,8 @@ def main() -> None:
     ap.add_argument("--resume", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-windows", type=int, default=0,
+                    help="also score the table's first N evaluation windows, window by window (NLL per window)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
@@ -93,6 +101,13 @@ def main() -> None:
     held_out = task.calibration_samples(a.windows, a.seq_len, seed=1)
     fp = block_outputs(model, held_out)
     results = {}
+    eval_w = None
+    if a.eval_windows:
+        from morphoquant.data import evaluation_windows
+        eval_w = evaluation_windows(tok, a.seq_len, a.eval_windows)
+        results["fp"] = {"nll_per_window": window_nll(model, eval_w)}
+        print("fp: NLL per evaluation window " + " ".join(f"{v:.3f}" for v in results["fp"]["nll_per_window"]),
+              flush=True)
     for name in a.recipes:
         recipe = load_recipe(name)
         qmodel = copy.deepcopy(model)
@@ -102,10 +117,15 @@ def main() -> None:
         results[recipe.name] = {**drift(fp, block_outputs(qmodel, held_out)), "calib_seconds": time.time() - t0}
         r = results[recipe.name]
         print(f"{recipe.name}: KL {r['kl']:.4f}  drift " + " ".join(f"{d:.3f}" for d in r["drift"]), flush=True)
+        if eval_w is not None:
+            r["nll_per_window"] = window_nll(qmodel, eval_w)
+            print(f"{recipe.name}: NLL per evaluation window " + " ".join(f"{v:.3f}" for v in r["nll_per_window"]),
+                  flush=True)
         del qmodel
     if a.json:
         a.json.write_text(json.dumps({"model": a.model, "calib": a.calib, "seq_len": a.seq_len,
-                                      "windows": a.windows, "results": results}, indent=1))
+                                      "windows": a.windows, "eval_windows": a.eval_windows, "results": results},
+                                     indent=1))
 
 
 if __name__ == "__main__":

@@ -86,3 +86,14 @@ def test_a_rotated_fp_model_does_not_drift_and_a_quantized_one_does():
         LayerwiseRunner(q, get_adapter(q).stacks(), RTN, samples, progress=False).run()
     r = drift.drift(fp, drift.block_outputs(q, samples))
     assert len(r["drift"]) == len(model.model.layers) and min(r["drift"]) > 1e-3 and r["kl"] > 0
+
+
+def test_window_nll_is_the_tables_perplexity_window_by_window():
+    model, _ = tiny_model("llama")
+    windows = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1))
+    nll = drift.window_nll(model, windows)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits.float()
+    by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                windows[:, 1:].reshape(-1), reduction="none").reshape(3, -1)
+    assert torch.allclose(torch.tensor(nll, dtype=torch.float64), by_hand.mean(1).double(), atol=1e-5)
