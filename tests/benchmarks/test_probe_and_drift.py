@@ -1,4 +1,5 @@
-"""benchmarks/probe_block.py (held-out block error) and benchmarks/drift.py (drift from FP) on a tiny decoder."""
+"""benchmarks/probe_block.py (held-out block error), benchmarks/drift.py (drift from FP) and
+benchmarks/window_probe.py (saturated static ranges) on a tiny decoder."""
 import copy
 import importlib.util
 import math
@@ -22,6 +23,7 @@ def _load(name):
 
 probe = _load("probe_block")
 drift = _load("drift")
+window_probe = _load("window_probe")
 RTN = load_recipe("rtn-w4a4", {"weights": {"group_size": 16}})
 
 
@@ -97,3 +99,19 @@ def test_window_nll_is_the_tables_perplexity_window_by_window():
     by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                 windows[:, 1:].reshape(-1), reduction="none").reshape(3, -1)
     assert torch.allclose(torch.tensor(nll, dtype=torch.float64), by_hand.mean(1).double(), atol=1e-5)
+
+
+def test_saturated_share_by_hand():
+    """Static asymmetric int4 ranges [0, 15·s]: a row counts the elements whose code leaves [0, 15]; a DABC
+    outlier channel never counts (its residual takes the 16-bit path)."""
+    from torch import nn
+
+    from morphoquant.layers import ActivationConfig, QuantLinear
+    from morphoquant.numerics import QuantSpec
+    lin = nn.Linear(4, 2)
+    act = ActivationConfig(QuantSpec(4, False, "channel"), False)
+    q = QuantLinear.from_linear(lin, QuantSpec(4, True, "group", 2), act, act_range=(torch.zeros(4), torch.full((4,), 15.0)),
+                                outlier_idx=torch.tensor([3]), dabc="dense")
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [16.0, -1.0, 3.0, 99.0], [20.0, 2.0, 30.0, -5.0]])
+    assert window_probe.saturated_share(q, x).tolist() == [0.0, 0.5, 0.5]
+    assert window_probe.token_nll(tiny_model("llama")[0], torch.arange(6)).shape == (5,)
