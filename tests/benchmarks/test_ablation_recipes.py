@@ -60,3 +60,11 @@ def test_sorted_groups_table_recipe_changes_only_the_group_order():
     assert (base.weights.group_order, r.weights.group_order) == ("natural", "act_scale")
     assert r.weights.model_dump(exclude={"group_order"}) == base.weights.model_dump(exclude={"group_order"})
     assert load_recipe(f"{table / 'morpho-reference-gptq-hadamard-sorted.yaml'}@w8a8").weights.group_order == "natural"
+
+
+def test_sorted_reference_gptq_recipe_changes_only_the_group_order():
+    table = ABL.parent / "table"
+    base, r = load_recipe("morpho-reference-gptq"), load_recipe(table / "morpho-reference-gptq-sorted.yaml")
+    assert r.options == base.options and r.activations == base.activations and r.weight_method == base.weight_method
+    assert r.weights.model_dump(exclude={"group_order"}) == base.weights.model_dump(exclude={"group_order"})
+    assert r.weights.group_order == "act_scale"
