@@ -21,8 +21,8 @@ fi
 ROT=(quarot-w4a4 quarot-gptq-w4a4)     # an error row where the model has no decoder QuaRot can rotate
 W4A4=(rtn-w4a4 rtn-w4a4-static smoothquant-w4a4 gptq-w4a4 "${ROT[@]}" mbq-w4a4 mquant-w4a4 osplus-w4a4
       morpho morpho-reference-gptq morpho-reference $T/morpho-reference-gptq-hadamard.yaml
-      $T/morpho-reference-gptq-sorted.yaml $T/morpho-reference-gptq-hadamard-sorted.yaml morpho-plus
-      $T/morpho-gptq.yaml $T/morpho-plus-rtn.yaml)
+      $T/morpho-reference-gptq-sorted.yaml $T/morpho-reference-gptq-hadamard-sorted.yaml
+      $T/morpho-reference-gptq-hadamard-o-sorted.yaml morpho-plus $T/morpho-gptq.yaml $T/morpho-plus-rtn.yaml)
 # morpho-modal differs from morpho only where a model feeds more than one modality into one decoder: on these
 # single-modality models it gives the same model bit for bit (tests/methods/test_method_morpho.py; SmolLM2 and
 # Whisper rows measured identical), so it is not run again here — benchmarks/run_omni_table.sh runs it.
@@ -56,7 +56,8 @@ for fmt in $FORMATS; do
       # scale-sorted weight groups only exist for grouped int4 weights: at W8A8 (int8 per channel) the recipe
       # is morpho-reference-gptq-hadamard's
       [[ $fmt == w4a8 ]] && rs+=("$T/morpho-reference-gptq-sorted.yaml@$fmt"
-                                 "$T/morpho-reference-gptq-hadamard-sorted.yaml@$fmt")
+                                 "$T/morpho-reference-gptq-hadamard-sorted.yaml@$fmt"
+                                 "$T/morpho-reference-gptq-hadamard-o-sorted.yaml@$fmt")
       run $fmt "${rs[@]}" ;;
     w4a16) run w4a16 rtn-w4a16 awq-w4a16 gptq-w4a16 quarot-w4a4@w4a16 quarot-gptq-w4a4@w4a16 ;;
     *) echo "unknown format $fmt (w4a4 w8a8 w4a8 w4a16)" >&2; exit 2 ;;

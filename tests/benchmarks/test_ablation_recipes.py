@@ -68,3 +68,13 @@ def test_sorted_reference_gptq_recipe_changes_only_the_group_order():
     assert r.options == base.options and r.activations == base.activations and r.weight_method == base.weight_method
     assert r.weights.model_dump(exclude={"group_order"}) == base.weights.model_dump(exclude={"group_order"})
     assert r.weights.group_order == "act_scale"
+
+
+def test_o_proj_hadamard_recipe_adds_only_the_o_proj_rotation():
+    table = ABL.parent / "table"
+    base = load_recipe(table / "morpho-reference-gptq-hadamard-sorted.yaml")
+    r = load_recipe(table / "morpho-reference-gptq-hadamard-o-sorted.yaml")
+    assert r.weights == base.weights and r.activations == base.activations and r.weight_method == "gptq"
+    a, b = dict(base.options), dict(r.options)
+    assert a.pop("online_hadamard") == ["down_proj", "fc2"] and a == {k: v for k, v in b.items() if k != "online_hadamard"}
+    assert set(b["online_hadamard"]) == {"o_proj", "out_proj", "down_proj", "fc2"}
