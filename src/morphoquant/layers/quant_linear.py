@@ -165,11 +165,11 @@ class QuantLinear(nn.Module):
         return q
 
     def _permute_inputs(self, perm: torch.Tensor) -> None:
-        """Store the per-input-channel quantities in the order ``perm`` (``outlier_idx`` → permuted positions)."""
+        """Store the per-input-channel quantities (static per-channel scales and zero points, clip) in the order
+        ``perm`` (``outlier_idx`` → permuted positions)."""
         inv = torch.argsort(perm)
         self.input_perm = perm.clone()
-        if self.act_scale.numel() == self.in_features:
-            self.act_scale, self.act_zero = self.act_scale[perm].clone(), self.act_zero[perm].clone()
+        self.act_scale, self.act_zero = self.act_scale[perm].clone(), self.act_zero[perm].clone()
         self.act_clip = self.act_clip[perm].clone()
         if self.outlier_idx.numel():
             self.outlier_idx = inv[self.outlier_idx]
