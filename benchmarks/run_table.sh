@@ -53,11 +53,11 @@ for fmt in $FORMATS; do
       for r in smoothquant-w4a4 gptq-w4a4 "${ROT[@]}" mbq-w4a4 mquant-w4a4 osplus-w4a4 morpho morpho-reference \
                morpho-reference-gptq $T/morpho-reference-gptq-hadamard.yaml \
                morpho-plus; do rs+=("$r@$fmt"); done
-      # scale-sorted weight groups only exist for grouped int4 weights: at W8A8 (int8 per channel) the recipe
-      # is morpho-reference-gptq-hadamard's
+      # scale-sorted weight groups only exist for grouped int4 weights: at W8A8 (int8 per channel) the sorted
+      # recipes are their unsorted ones, except the o_proj Hadamard, which the unsorted recipes do not have
       [[ $fmt == w4a8 ]] && rs+=("$T/morpho-reference-gptq-sorted.yaml@$fmt"
-                                 "$T/morpho-reference-gptq-hadamard-sorted.yaml@$fmt"
-                                 "$T/morpho-reference-gptq-hadamard-o-sorted.yaml@$fmt")
+                                 "$T/morpho-reference-gptq-hadamard-sorted.yaml@$fmt")
+      rs+=("$T/morpho-reference-gptq-hadamard-o-sorted.yaml@$fmt")
       run $fmt "${rs[@]}" ;;
     w4a16) run w4a16 rtn-w4a16 awq-w4a16 gptq-w4a16 quarot-w4a4@w4a16 quarot-gptq-w4a4@w4a16 ;;
     *) echo "unknown format $fmt (w4a4 w8a8 w4a8 w4a16)" >&2; exit 2 ;;
