@@ -43,6 +43,10 @@ Schemes (weights int symmetric, groups of ``--group-size``; activations int symm
 ``w4a16-rtn``          int4 g``G`` weights, ``QuantizationModifier`` (round to nearest)
 ``w4a16-gptq``         int4 g``G`` weights, ``GPTQModifier`` (llm-compressor defaults: block 128, damping
                        0.01, static act-order)
+``w4a16-awq``          int4 g``G`` weights: ``AWQModifier()`` (its defaults: the architecture's registered mappings,
+                       ``n_grid`` 20, ``duo_scaling`` -- scales from activation *and* weight magnitudes) then
+                       ``QuantizationModifier`` (RTN). llm-compressor's AWQ has no weight-clip search, unlike
+                       AWQ's paper and our ``awq`` recipe (``clip: true``); not in the default list
 ``w4a4-rtn``           int4 g``G`` weights + int4 per-token acts, ``QuantizationModifier``
 ``w4a4-gptq``          the same with ``GPTQModifier``
 ``w4a4-spinquant-gptq`` ``SpinQuantModifier(R1, R2, random-hadamard)`` then ``GPTQModifier`` W4A4 (the
@@ -121,6 +125,7 @@ SCHEMES: dict[str, dict] = {
     "w8a8-rtn": {"w_bits": 8, "a_bits": 8, "method": "rtn", "transform": None},
     "w4a16-rtn": {"w_bits": 4, "a_bits": 16, "method": "rtn", "transform": None},
     "w4a16-gptq": {"w_bits": 4, "a_bits": 16, "method": "gptq", "transform": None},
+    "w4a16-awq": {"w_bits": 4, "a_bits": 16, "method": "rtn", "transform": "awq"},
     "w4a4-rtn": {"w_bits": 4, "a_bits": 4, "method": "rtn", "transform": None},
     "w4a4-gptq": {"w_bits": 4, "a_bits": 4, "method": "gptq", "transform": None},
     "w4a4-spinquant-gptq": {"w_bits": 4, "a_bits": 4, "method": "gptq", "transform": "spinquant"},
@@ -477,6 +482,11 @@ def check_schemes_for_task(schemes: list[str], task: str) -> None:
                             "input_layernorm / post_attention_layernorm, o_proj, up/gate/down_proj, lm_head); "
                             "Whisper's LayerNorms with bias, out_proj, fc1/fc2 and encoder-decoder stacks match "
                             "none of them. Drop it from --schemes")
+        bad = [s for s in schemes if SCHEMES[s]["transform"] == "awq"]
+        if bad:
+            raise PeerError(f"{', '.join(bad)}: llm-compressor's AWQ registers no mappings for "
+                            "WhisperForConditionalGeneration (its defaults are Llama-style layer names). "
+                            "Drop it from --schemes")
 
 
 def _base_meta(args, model_dir, data: dict, digests: dict) -> dict:
@@ -719,8 +729,23 @@ def llmc_modifiers(scheme: str, group_size: int, head: str = "lm_head") -> list:
     elif s["transform"] == "smoothquant":
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
         mods.append(SmoothQuantModifier(smoothing_strength=0.8))
+    elif s["transform"] == "awq":
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+        _no_pinning_without_accelerator()
+        mods.append(AWQModifier())
     mods.append(GPTQModifier(**quant) if s["method"] == "gptq" else QuantizationModifier(**quant))
     return mods
+
+
+def _no_pinning_without_accelerator() -> None:
+    """llm-compressor 0.14.0.1's AWQ pins its cached block inputs (``IntermediatesCache.pin_memory``) before the
+    grid search, which raises ``Cannot access accelerator device when none is available`` on a CPU-only torch.
+    Pinning only speeds up host-to-device copies, so without an accelerator it is skipped (values unchanged)."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
 def fake_quant_per_token(x, bits: int):

@@ -244,6 +244,12 @@ def test_whisper_refuses_spinquant(peer):
         peer.check_schemes_for_task(["fp32", "w4a4-spinquant-gptq"], "speech-asr")
 
 
+def test_whisper_refuses_awq(peer):
+    peer.check_schemes_for_task(["fp32", "w4a16-awq"], "text-lm")
+    with pytest.raises(peer.PeerError, match="AWQ registers no mappings for WhisperForConditionalGeneration"):
+        peer.check_schemes_for_task(["w4a16-awq"], "speech-asr")
+
+
 @pytest.mark.parametrize("model", ["smollm2-135m", "qwen2.5-0.5b"])
 def test_committed_lm_tables_unchanged(peer, model):
     """The language-model peer tables of earlier runs still load, keep every successful row and render the
