@@ -731,7 +731,6 @@ def llmc_modifiers(scheme: str, group_size: int, head: str = "lm_head") -> list:
         mods.append(SmoothQuantModifier(smoothing_strength=0.8))
     elif s["transform"] == "awq":
         from llmcompressor.modifiers.transform.awq import AWQModifier
-        _no_pinning_without_accelerator()
         mods.append(AWQModifier())
     mods.append(GPTQModifier(**quant) if s["method"] == "gptq" else QuantizationModifier(**quant))
     return mods
@@ -740,7 +739,8 @@ def llmc_modifiers(scheme: str, group_size: int, head: str = "lm_head") -> list:
 def _no_pinning_without_accelerator() -> None:
     """llm-compressor 0.14.0.1's AWQ pins its cached block inputs (``IntermediatesCache.pin_memory``) before the
     grid search, which raises ``Cannot access accelerator device when none is available`` on a CPU-only torch.
-    Pinning only speeds up host-to-device copies, so without an accelerator it is skipped (values unchanged)."""
+    Pinning only speeds up host-to-device copies, so without an accelerator it is skipped (values unchanged). The
+    worker calls this before every ``oneshot``; schemes other than AWQ never pin."""
     import torch
     from llmcompressor.pipelines.cache import IntermediatesCache
 
@@ -936,6 +936,7 @@ def worker(job_path: Path) -> int:
         if needs_data:
             items = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in calib]
             loader = DataLoader(items, batch_size=None, shuffle=False)
+        _no_pinning_without_accelerator()
         h = _record_embedding_inputs(model, seen_rows)
         t = time.time()
         try:
